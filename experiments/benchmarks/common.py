@@ -1,0 +1,68 @@
+"""Shared timing helpers and the result row of every benchmark suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table: what was timed, ours and the peer's throughput in `unit`."""
+
+    name: str
+    ours: float
+    peer: float | None = None
+    unit: str = "img/s"
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.peer else self.ours / self.peer
+
+
+def time_jax(fn: Callable[[], object], *, warmup: int = 2, min_time: float = 1.0,
+             min_iters: int = 3) -> float:
+    """Seconds per call of `fn` (its outputs are blocked on), after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    iters, start = 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < min_time:
+        jax.block_until_ready(fn())
+        iters += 1
+    return (time.perf_counter() - start) / iters
+
+
+def time_torch(fn: Callable[[], object], *, warmup: int = 2, min_time: float = 1.0,
+               min_iters: int = 3) -> float:
+    """Seconds per call of a torch `fn`, synchronizing CUDA when it is in use."""
+    import torch
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    iters, start = 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < min_time:
+        fn()
+        iters += 1
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table: name, ours, peer, ratio."""
+    header = f"{'benchmark':<58} {'ssd_jax':>12} {'torchvision':>12} {'ratio':>7}  unit"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        peer = f"{r.peer:12.1f}" if r.peer else f"{'-':>12}"
+        ratio = f"{r.ratio:7.2f}" if r.ratio else f"{'-':>7}"
+        note = f"  ({r.note})" if r.note else ""
+        lines.append(f"{r.name:<58} {r.ours:12.1f} {peer} {ratio}  {r.unit}{note}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The MultiBox loss (SSD paper eq. 1): L = (L_conf + alpha * L_loc) / N.
+
+L_conf is softmax cross-entropy over the positives and the hardest negatives (per image, the
+neg_pos_ratio * num_pos background priors with the highest confidence loss); L_loc is smooth L1
+(beta 1) on the offsets of the positives; N is the number of positives (at least 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _smooth_l1(x: jnp.ndarray) -> jnp.ndarray:
+    ax = jnp.abs(x)
+    return jnp.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
+
+
+def hard_negative_mask(
+    conf_loss: jnp.ndarray, positive: jnp.ndarray, neg_pos_ratio: float
+) -> jnp.ndarray:
+    """Per image, the `neg_pos_ratio * num_pos` negatives of highest loss.
+
+    conf_loss float [B,P], positive bool [B,P] -> bool [B,P] (never true on a positive).
+    """
+    neg_loss = jnp.where(positive, -jnp.inf, conf_loss)
+    order = jnp.argsort(-neg_loss, axis=1)  # descending loss
+    rank = jnp.argsort(order, axis=1)
+    num_neg = neg_pos_ratio * jnp.sum(positive, axis=1, keepdims=True)
+    return (rank < num_neg) & ~positive
+
+
+def multibox_loss(
+    cls_logits: jnp.ndarray,
+    box_preds: jnp.ndarray,
+    cls_targets: jnp.ndarray,
+    box_targets: jnp.ndarray,
+    *,
+    neg_pos_ratio: float = 3.0,
+    loc_weight: float = 1.0,
+    axis_name: Any = None,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """The SSD MultiBox loss with hard negative mining, as a pure function.
+
+    Args:
+      cls_logits: [B, P, C] class logits (C counts background, class 0), any float dtype.
+      box_preds: [B, P, 4] predicted offsets (dcx, dcy, dw, dh).
+      cls_targets: int [B, P] matched classes (0 = background), e.g. from `matching.match_batch`.
+      box_targets: [B, P, 4] encoded target offsets (only positives are used).
+      neg_pos_ratio: negatives kept per positive, per image (the paper's 3).
+      loc_weight: alpha, the weight of the localization term (the paper's 1).
+      axis_name: inside a mapped function (shard_map/pmap over the batch), the named axis to sum
+        the loss and the positive count over, so the value equals the loss of the global batch.
+
+    Returns:
+      (loss, aux): scalar float32 loss, and aux with float32 scalars `conf_loss`, `loc_loss`
+      (both already divided by N) and `num_pos` (N before the clamp at 1). Finite with gradients
+      even when there is no positive.
+    """
+    cls_logits = cls_logits.astype(jnp.float32)
+    box_preds = box_preds.astype(jnp.float32)
+    box_targets = box_targets.astype(jnp.float32)
+    cls_targets = cls_targets.astype(jnp.int32)
+
+    positive = cls_targets > 0
+    log_probs = jax.nn.log_softmax(cls_logits, axis=-1)
+    ce = -jnp.take_along_axis(log_probs, cls_targets[..., None], axis=-1)[..., 0]  # [B, P]
+    negative = hard_negative_mask(jax.lax.stop_gradient(ce), positive, neg_pos_ratio)
+
+    conf_sum = jnp.sum(jnp.where(positive | negative, ce, 0.0))
+    loc = jnp.sum(_smooth_l1(box_preds - box_targets), axis=-1)
+    loc_sum = jnp.sum(jnp.where(positive, loc, 0.0))
+    num_pos = jnp.sum(positive).astype(jnp.float32)
+    if axis_name is not None:
+        conf_sum, loc_sum, num_pos = jax.lax.psum((conf_sum, loc_sum, num_pos), axis_name)
+    n = jnp.maximum(num_pos, 1.0)
+    conf_loss = conf_sum / n
+    loc_loss = loc_sum / n
+    loss = conf_loss + loc_weight * loc_loss
+    return loss, {"conf_loss": conf_loss, "loc_loss": loc_loss, "num_pos": num_pos}

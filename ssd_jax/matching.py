@@ -67,6 +67,6 @@ def match_batch(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`match_priors` vmapped over a batch: gt_boxes [B,M,4], gt_labels [B,M] ->
     (cls_targets int32 [B,P], box_targets float32 [B,P,4])."""
-    return jax.vmap(lambda b, l: match_priors(b, l, priors, iou_threshold, variances))(
+    return jax.vmap(lambda b, lab: match_priors(b, lab, priors, iou_threshold, variances))(
         gt_boxes, gt_labels
     )

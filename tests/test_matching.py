@@ -1,0 +1,89 @@
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection._utils import BoxCoder, SSDMatcher
+
+from ssd_jax import box_ops, matching, priors
+from tests.conftest import random_gt_batch
+
+PRIORS = priors.generate_priors(priors.SSD300_VOC)
+PRIOR_CORNERS = np.asarray(box_ops.centers_to_corners(PRIORS))
+
+
+def torchvision_targets(boxes: np.ndarray, labels: np.ndarray):
+    """Class and offset targets the way torchvision's SSD builds them (compute_loss)."""
+    anchors = torch.from_numpy(PRIOR_CORNERS)
+    num_priors = anchors.shape[0]
+    if boxes.shape[0] == 0:
+        matched = torch.full((num_priors,), -1, dtype=torch.int64)
+        iou = torch.zeros((0, num_priors))
+    else:
+        iou = torchvision.ops.box_iou(torch.from_numpy(boxes), anchors)
+        matched = SSDMatcher(0.5)(iou)
+    fg = torch.where(matched >= 0)[0]
+    cls = np.zeros(num_priors, np.int64)
+    cls[fg.numpy()] = labels[matched[fg].numpy()]
+    box = np.zeros((num_priors, 4), np.float32)
+    if len(fg):
+        coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+        enc = coder.encode_single(torch.from_numpy(boxes)[matched[fg]], anchors[fg])
+        box[fg.numpy()] = enc.numpy()
+    return cls, box, iou.numpy()
+
+
+def _explained_by_tie(iou: np.ndarray, prior: int) -> bool:
+    """A disagreement is acceptable only where IoUs tie at float precision for this prior
+    (two ground truths, the 0.5 threshold, or two priors competing for one ground truth)."""
+    col = np.sort(iou[:, prior])[::-1]
+    near_threshold = abs(col[0] - 0.5) < 1e-6
+    gt_tie = len(col) > 1 and abs(col[0] - col[1]) < 1e-6
+    best_prior_tie = any(abs(iou[g].max() - iou[g, prior]) < 1e-6 for g in range(iou.shape[0]))
+    return near_threshold or gt_tie or best_prior_tie
+
+
+@pytest.mark.parametrize("counts", [[0, 3, 1, 12], [20, 25, 5, 0]], ids=["mixed", "crowded"])
+def test_match_batch_equals_torchvision(counts):
+    rng = np.random.default_rng(sum(counts))
+    max_boxes = 32  # every image has padded rows
+    gt_boxes, gt_labels = random_gt_batch(rng, counts, max_boxes)
+    cls, box = jax.jit(matching.match_batch, static_argnums=(3,))(gt_boxes, gt_labels, PRIORS, 0.5)
+    cls, box = np.asarray(cls), np.asarray(box)
+    assert cls.dtype == np.int32 and box.dtype == np.float32
+    for i, n in enumerate(counts):
+        ref_cls, ref_box, iou = torchvision_targets(gt_boxes[i, :n], gt_labels[i, :n])
+        bad = np.nonzero(cls[i] != ref_cls)[0]
+        assert all(_explained_by_tie(iou, p) for p in bad), f"image {i}: priors {bad[:10]} differ"
+        assert len(bad) <= 2
+        same = cls[i] == ref_cls
+        np.testing.assert_allclose(box[i][same], ref_box[same], rtol=1e-4, atol=1e-4)
+        if n == 0:
+            assert not cls[i].any() and not box[i].any()
+        else:
+            assert (cls[i] > 0).sum() >= n  # every ground truth gets at least its best prior
+
+
+def test_every_ground_truth_is_matched_even_below_threshold():
+    # a tiny box overlaps no prior at 0.5, but still gets its best prior
+    gt = np.array([[0.50, 0.50, 0.51, 0.52], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    labels = np.array([7, 0], np.int32)
+    cls, box = matching.match_priors(gt, labels, PRIORS)
+    cls = np.asarray(cls)
+    assert (cls == 7).sum() == 1 and (cls > 0).sum() == 1
+    best = np.asarray(box_ops.iou(gt[:1], PRIOR_CORNERS))[0].argmax()
+    assert cls[best] == 7
+    assert np.all(np.asarray(box)[cls == 0] == 0)
+
+
+def test_padding_rows_never_match_and_padding_amount_is_irrelevant():
+    rng = np.random.default_rng(5)
+    gt_boxes, gt_labels = random_gt_batch(rng, [4], 4)
+    # padded rows that would match strongly if they were real (a box equal to a prior)
+    pad_box = np.broadcast_to(PRIOR_CORNERS[100], (1, 10, 4))
+    boxes = np.concatenate([gt_boxes, pad_box], axis=1)
+    labels = np.concatenate([gt_labels, np.zeros((1, 10), np.int32)], axis=1)
+    a = matching.match_batch(gt_boxes, gt_labels, PRIORS)
+    b = matching.match_batch(boxes, labels, PRIORS)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))

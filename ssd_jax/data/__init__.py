@@ -1,0 +1,1 @@
+"""Dataset sources, augmentation and the input pipeline (host side)."""

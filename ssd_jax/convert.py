@@ -1,0 +1,247 @@
+"""torchvision weights -> ssd_jax variables, and orbax checkpoints of variables.
+
+  from_torchvision_ssd(sd)            torchvision ssd300_vgg16 state dict -> (SSD, variables)
+  vgg16_backbone_from_torchvision(sd) torchvision vgg16 state dict -> {"params": {"backbone": ...}}
+  save_checkpoint / load_checkpoint   orbax, atomic
+  merge_params(initialized, loaded)   override the leaves present in `loaded` (e.g. a backbone)
+
+State dicts map names to arrays (torch tensors or numpy arrays). torch is imported lazily, only
+to read a .pth file; .safetensors files are read with numpy. Conv kernels go from torch's
+OIHW to Flax's HWIO; output channel order is kept, so the heads' [B,H,W,A*K] layout (anchor-major,
+then K) is the same as torchvision's [B,A*K,H,W] and the prior order is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssd_jax import models
+from ssd_jax.priors import SSD300_TORCHVISION
+
+StateDict = Mapping[str, Any]
+Variables = dict[str, Any]
+
+# torchvision vgg16().features indices of conv1_1..conv5_3.
+_VGG_FEATURE_CONVS = {
+    "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12,
+    "conv3_3": 14, "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26,
+    "conv5_3": 28,
+}
+_VGG_CHANNELS = {
+    "conv1_1": (64, 3), "conv1_2": (64, 64), "conv2_1": (128, 64), "conv2_2": (128, 128),
+    "conv3_1": (256, 128), "conv3_2": (256, 256), "conv3_3": (256, 256), "conv4_1": (512, 256),
+    "conv4_2": (512, 512), "conv4_3": (512, 512), "conv5_1": (512, 512), "conv5_2": (512, 512),
+    "conv5_3": (512, 512),
+}
+
+
+class StateDictError(ValueError):
+    """A state dict lacks a key or has a tensor of the wrong shape (the message names the key)."""
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if hasattr(v, "detach"):  # torch.Tensor, without importing torch
+        v = v.detach().cpu().float().numpy()
+    return np.asarray(v, dtype=np.float32)
+
+
+def _get(sd: StateDict, key: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    if key not in sd:
+        raise StateDictError(f"state dict has no key {key!r}")
+    v = _to_numpy(sd[key])
+    if shape is not None and tuple(v.shape) != tuple(shape):
+        raise StateDictError(f"state dict key {key!r} has shape {tuple(v.shape)}, expected "
+                             f"{tuple(shape)}")
+    return v
+
+
+def _conv(sd: StateDict, prefix: str, out_ch: int, in_ch: int, k: int) -> dict[str, Any]:
+    """torch Conv2d `prefix`.weight [O,I,k,k] / .bias [O] -> Flax {"kernel" [k,k,I,O], "bias"}."""
+    w = _get(sd, prefix + ".weight", (out_ch, in_ch, k, k))
+    b = _get(sd, prefix + ".bias", (out_ch,))
+    return {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0)), "bias": jnp.asarray(b)}
+
+
+def _vgg_convs(sd: StateDict, prefixes: Mapping[str, str]) -> dict[str, Any]:
+    """conv1_1..conv5_3 from the torch modules named in `prefixes` (our name -> torch prefix)."""
+    return {name: _conv(sd, prefixes[name], *_VGG_CHANNELS[name], 3) for name in _VGG_CHANNELS}
+
+
+def from_torchvision_ssd(state_dict: StateDict, dtype: Any = jnp.float32
+                         ) -> tuple[models.SSD, Variables]:
+    """A torchvision `ssd300_vgg16` state dict -> (our SSD300 with SSD300_TORCHVISION priors and
+    torchvision's image mean, its variables {"params": ...}).
+
+    The class count is read from the classification head. Raises StateDictError naming the key
+    when a tensor is missing or mis-shaped.
+    """
+    sd = state_dict
+    spec = SSD300_TORCHVISION
+    bpl = spec.boxes_per_location
+    in_channels = (512, 1024, 512, 256, 256, 256)
+
+    cls0 = _get(sd, "head.classification_head.module_list.0.weight")
+    if cls0.shape[0] % bpl[0]:
+        raise StateDictError(
+            f"state dict key 'head.classification_head.module_list.0.weight' has "
+            f"{cls0.shape[0]} output channels, not a multiple of the {bpl[0]} boxes per location "
+            f"of the first map")
+    num_classes = cls0.shape[0] // bpl[0]
+
+    indices = {name: f"backbone.features.{i}" for name, i in _VGG_FEATURE_CONVS.items()
+               if i < 23}
+    indices.update({"conv5_1": "backbone.extra.0.1", "conv5_2": "backbone.extra.0.3",
+                    "conv5_3": "backbone.extra.0.5"})
+    backbone = _vgg_convs(sd, indices)
+    backbone["fc6"] = _conv(sd, "backbone.extra.0.7.1", 1024, 512, 3)
+    backbone["fc7"] = _conv(sd, "backbone.extra.0.7.3", 1024, 1024, 1)
+
+    extras = {}
+    extra_shapes = [(256, 1024, 512), (128, 512, 256), (128, 256, 256), (128, 256, 256)]
+    for i, (mid, cin, cout) in enumerate(extra_shapes):
+        extras[f"conv{i + 8}_1"] = _conv(sd, f"backbone.extra.{i + 1}.0", mid, cin, 1)
+        extras[f"conv{i + 8}_2"] = _conv(sd, f"backbone.extra.{i + 1}.2", cout, mid, 3)
+
+    params: dict[str, Any] = {
+        "backbone": backbone,
+        "conv4_3_norm": {"scale": jnp.asarray(_get(sd, "backbone.scale_weight", (512,)))},
+        "extras": extras,
+    }
+    for k, (a, cin) in enumerate(zip(bpl, in_channels, strict=True)):
+        params[f"cls_head_{k}"] = _conv(
+            sd, f"head.classification_head.module_list.{k}", a * num_classes, cin, 3)
+        params[f"box_head_{k}"] = _conv(sd, f"head.regression_head.module_list.{k}", a * 4, cin, 3)
+
+    model = models.ssd300_vgg16(num_classes, prior_spec=spec, dtype=dtype,
+                                image_mean=models.TORCHVISION_MEAN)
+    return model, {"params": params}
+
+
+def vgg16_backbone_from_torchvision(state_dict: StateDict, include_fc: bool = True) -> Variables:
+    """torchvision `vgg16` (ImageNet) state dict -> {"params": {"backbone": {...}}}.
+
+    conv1_1..conv5_3 are copied. With `include_fc`, fc6/fc7 become the "reduced fc" of the paper:
+    fc6 [4096, 25088] viewed as [4096, 512, 7, 7] keeps every 4th filter and every 3rd spatial tap
+    -> [1024, 512, 3, 3] (used with dilation 6); fc7 [4096, 4096] keeps every 4th row and column
+    -> [1024, 1024, 1, 1]; biases every 4th. Use include_fc=False for weights without a valid
+    classifier (torchvision's IMAGENET1K_FEATURES). Merge into initialized variables with
+    `merge_params`. Raises StateDictError naming a missing or mis-shaped key.
+    """
+    sd = state_dict
+    indices = {name: f"features.{i}" for name, i in _VGG_FEATURE_CONVS.items()}
+    backbone = _vgg_convs(sd, indices)
+    if include_fc:
+        fc6_w = _get(sd, "classifier.0.weight", (4096, 512 * 7 * 7))
+        fc6_b = _get(sd, "classifier.0.bias", (4096,))
+        fc7_w = _get(sd, "classifier.3.weight", (4096, 4096))
+        fc7_b = _get(sd, "classifier.3.bias", (4096,))
+        fc6_w = fc6_w.reshape(4096, 512, 7, 7)[::4, :, ::3, ::3]  # [1024, 512, 3, 3]
+        fc7_w = fc7_w[::4, ::4][:, :, None, None]  # [1024, 1024, 1, 1]
+        for key, v in (("classifier.0.weight", fc6_w), ("classifier.3.weight", fc7_w)):
+            if not np.all(np.isfinite(v)):
+                raise StateDictError(f"state dict key {key!r} has non-finite values (features-"
+                                     f"only weights?); convert with include_fc=False")
+        backbone["fc6"] = {"kernel": jnp.asarray(fc6_w.transpose(2, 3, 1, 0)),
+                           "bias": jnp.asarray(fc6_b[::4])}
+        backbone["fc7"] = {"kernel": jnp.asarray(fc7_w.transpose(2, 3, 1, 0)),
+                           "bias": jnp.asarray(fc7_b[::4])}
+    return {"params": {"backbone": backbone}}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A state dict from a .pth/.pt (torch.load, weights_only=True) or .safetensors file, as
+    float32 numpy arrays. A checkpoint dict wrapping the weights under "model" or "state_dict"
+    is unwrapped."""
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    import torch  # lazily: only reading a .pth file needs torch
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
+            sd = sd[wrapper]
+    return {k: _to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+                       "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Minimal safetensors reader (8-byte little-endian header size, JSON header, raw data)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        raw = data[begin:end]
+        if info["dtype"] == "BF16":
+            arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in _SAFETENSORS_DTYPES:
+            arr = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
+        else:
+            raise StateDictError(f"safetensors key {name!r} has unsupported dtype {info['dtype']}")
+        out[name] = arr.reshape(info["shape"]).astype(np.float32)
+    return out
+
+
+def save_checkpoint(path: str, variables: Variables) -> None:
+    """Save a pytree of arrays with orbax (atomic: written to a temporary folder, then renamed);
+    an existing checkpoint at `path` is replaced."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, jax.tree.map(jnp.asarray, variables), force=True)
+        ckptr.wait_until_finished()
+
+
+def load_checkpoint(path: str) -> Variables:
+    """The pytree saved by `save_checkpoint` at `path` (nested dicts of arrays)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(path))
+
+
+def merge_params(initialized: Variables, loaded: Variables, _path: str = "") -> Variables:
+    """A copy of `initialized` with every leaf present in `loaded` replaced (cast to the
+    initialized dtype). `loaded` may be partial (e.g. only {"params": {"backbone": ...}}).
+
+    Raises ValueError naming the path when a loaded leaf's shape differs or the path does not
+    exist in `initialized`.
+    """
+    if not isinstance(loaded, Mapping):
+        init_leaf = initialized
+        if isinstance(init_leaf, Mapping):
+            raise ValueError(f"checkpoint has an array at {_path or '/'} where the model has "
+                             f"a subtree")
+        if tuple(np.shape(loaded)) != tuple(np.shape(init_leaf)):
+            raise ValueError(f"shape mismatch at {_path}: checkpoint {tuple(np.shape(loaded))}, "
+                             f"model {tuple(np.shape(init_leaf))}")
+        return jnp.asarray(loaded, dtype=getattr(init_leaf, "dtype", None))
+    if not isinstance(initialized, Mapping):
+        raise ValueError(f"checkpoint has a subtree at {_path} where the model has an array")
+    merged = dict(initialized)
+    for key, sub in loaded.items():
+        path = f"{_path}/{key}"
+        if key not in initialized:
+            raise ValueError(f"checkpoint path {path} does not exist in the model; model keys "
+                             f"there: {sorted(initialized)}")
+        merged[key] = merge_params(initialized[key], sub, path)
+    return merged

@@ -1,0 +1,271 @@
+"""SSD data augmentation as TensorFlow ops (stateless: a function of the image and a seed).
+
+Boxes are corner form (xmin, ymin, xmax, ymax) normalized to [0, 1]; images are uint8 RGB
+[H, W, 3] in, uint8 [S, S, 3] out. Every random draw uses `tf.random.stateless_*` with a seed
+derived from the per-example `seed` (int64 [2]), so the output is a function of (image, seed).
+
+Training (`train_augment`) follows the paper (arXiv 1512.02325, sec. 2.2/3.6) and its Caffe
+reference:
+
+1. expand (zoom out) with p 0.5: the image is placed at a random spot of a canvas r x its size,
+   r ~ U[1, 4], the rest filled with the mean [123, 117, 104];
+2. min-IoU crop: one of 7 samplers chosen uniformly (whole image; a patch of scale U[0.3, 1] per
+   side, aspect (w/h in pixels) in [0.5, 2], whose IoU with *some* ground-truth box (Caffe's rule,
+   also torchvision's) is >= 0.1/0.3/0.5/0.7/0.9; or any such patch), 50 trials drawn at once and
+   tested vectorized, the first that passes wins (none: whole image). Boxes whose centre lies in
+   the patch are kept, clipped to it; the others are dropped;
+3. horizontal flip with p 0.5;
+4. bilinear resize to S x S.
+
+Steps 1-4 are one `tf.image.crop_and_resize` of the original image: the crop window is mapped
+back to original-image coordinates (it may reach outside the image, where the mean fills in),
+and a flip is a crop window with x1 > x2. Pixel centres map exactly (half-pixel convention), so
+boxes transform exactly with the pixels and the expanded canvas is never materialized.
+
+5. photometric distortion: brightness +-32, contrast 0.5-1.5, saturation 0.5-1.5, hue +-18
+   degrees, each with p 0.5, in a random order. It runs on the S x S output instead of the
+   original image (these ops are per pixel, except contrast's grey mean, which is taken over the
+   image pixels of the output), and the expand fill stays exactly the mean, as in the reference.
+
+Evaluation (`eval_resize`) is a bilinear resize only.
+"""
+
+from __future__ import annotations
+
+from ssd_jax.data.tf_compat import tf
+
+MEAN_RGB = (123.0, 117.0, 104.0)
+MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
+NUM_SAMPLERS = 2 + len(MIN_IOUS)  # whole image, 5 min-IoU samplers, unconstrained patch
+NUM_TRIALS = 50
+
+
+def _seeds(seed: tf.Tensor, n: int) -> tf.Tensor:
+    """`n` independent stateless seeds [n, 2] from one seed [2]."""
+    return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), n)
+
+
+def _uniform(seed: tf.Tensor, shape=(), lo: float = 0.0, hi: float = 1.0) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape, seed, minval=lo, maxval=hi, dtype=tf.float32)
+
+
+def box_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Pairwise IoU of corner boxes a [T,4] and b [N,4] -> [T,N]."""
+    a = a[:, None, :]
+    b = b[None, :, :]
+    iw = tf.maximum(tf.minimum(a[..., 2], b[..., 2]) - tf.maximum(a[..., 0], b[..., 0]), 0.0)
+    ih = tf.maximum(tf.minimum(a[..., 3], b[..., 3]) - tf.maximum(a[..., 1], b[..., 1]), 0.0)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / tf.maximum(area_a + area_b - inter, 1e-12)
+
+
+def sample_expand(seed: tf.Tensor, *, prob: float = 0.5, max_ratio: float = 4.0) -> tf.Tensor:
+    """Where the image lands on the zoom-out canvas: [ox, oy, r] (canvas-normalized offset of the
+    image's top-left corner, and the canvas/image size ratio; r = 1 and offset 0 when not applied).
+    """
+    s = _seeds(seed, 3)
+    apply = _uniform(s[0]) < prob
+    r = tf.where(apply, _uniform(s[1], (), 1.0, max_ratio), 1.0)
+    off = _uniform(s[2], (2,)) * (1.0 - 1.0 / r)
+    return tf.concat([off, r[None]], 0)
+
+
+def sample_min_iou_crop(
+    boxes: tf.Tensor, seed: tf.Tensor, pixel_aspect: tf.Tensor, *,
+    min_scale: float = 0.3, min_aspect: float = 0.5, max_aspect: float = 2.0,
+    num_trials: int = NUM_TRIALS,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The paper's min-IoU patch sampler, all trials at once.
+
+    Args:
+      boxes: [N,4] corner boxes, normalized to the image being cropped.
+      seed: int64 [2].
+      pixel_aspect: width / height of that image in pixels (the aspect limit is in pixels).
+    Returns:
+      crop [4] corner box (normalized, inside [0,1]) and the sampler's min IoU (scalar; -1 for
+      the whole image and for the unconstrained sampler). A crop other than the whole image
+      contains the centre of at least one box and has IoU >= min IoU with at least one box.
+    """
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    s = _seeds(seed, 5)
+    sampler = tf.random.stateless_uniform([], s[0], 0, NUM_SAMPLERS, dtype=tf.int32)
+    thresholds = tf.constant((-1.0, *MIN_IOUS, -1.0), tf.float32)
+    min_iou = thresholds[sampler]
+    w = _uniform(s[1], (num_trials,), min_scale, 1.0)
+    h = _uniform(s[2], (num_trials,), min_scale, 1.0)
+    aspect = w * tf.cast(pixel_aspect, tf.float32) / h
+    x0 = _uniform(s[3], (num_trials,)) * (1.0 - w)
+    y0 = _uniform(s[4], (num_trials,)) * (1.0 - h)
+    crops = tf.stack([x0, y0, x0 + w, y0 + h], axis=-1)  # [T,4]
+    has_boxes = tf.shape(boxes)[0] > 0
+    iou = box_iou(crops, boxes)  # [T,N]
+    max_iou = tf.reduce_max(tf.concat([iou, tf.fill([num_trials, 1], -1.0)], 1), axis=1)
+    centre_in = _centres_inside(boxes, crops)  # [T,N]
+    ok = (aspect >= min_aspect) & (aspect <= max_aspect)
+    ok &= tf.logical_or(~has_boxes, (max_iou >= min_iou) & tf.reduce_any(centre_in, axis=1))
+    found = tf.reduce_any(ok) & (sampler != 0)
+    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+    whole = tf.constant([0.0, 0.0, 1.0, 1.0])
+    crop = tf.where(found, crops[first], whole)
+    return crop, tf.where(found, min_iou, -1.0)
+
+
+def _centres_inside(boxes: tf.Tensor, crops: tf.Tensor) -> tf.Tensor:
+    """[T,N]: the centre of box n lies inside crop t."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    c = crops[:, None, :]
+    return (cx > c[..., 0]) & (cx < c[..., 2]) & (cy > c[..., 1]) & (cy < c[..., 3])
+
+
+def crop_boxes(boxes: tf.Tensor, crop: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Boxes [N,4] whose centre is inside `crop` [4], clipped and renormalized to the crop.
+
+    Returns (boxes [K,4], keep mask [N]).
+    """
+    keep = _centres_inside(boxes, crop[None])[0]
+    kept = tf.boolean_mask(boxes, keep)
+    lo = tf.tile(crop[:2], [2])
+    size = tf.tile(crop[2:] - crop[:2], [2])
+    kept = tf.clip_by_value((kept - lo) / size, 0.0, 1.0)
+    return kept, keep
+
+
+def flip_boxes(boxes: tf.Tensor) -> tf.Tensor:
+    """Horizontal flip of corner boxes [N,4]."""
+    x0, y0, x1, y1 = tf.unstack(boxes, 4, axis=-1)
+    return tf.stack([1.0 - x1, y0, 1.0 - x0, y1], axis=-1)
+
+
+def _axis_window(c0: tf.Tensor, c1: tf.Tensor, n: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """crop_and_resize coordinates (a, b) so that output pixel centre i samples the continuous
+    coordinate c0 + (i + 0.5) / size * (c1 - c0) (normalized to an input axis of n pixels).
+
+    crop_and_resize samples index a*(n-1) + i*(b-a)*(n-1)/(size-1); pixel index k has its centre
+    at continuous (k + 0.5) / n.
+    """
+    n = tf.cast(n, tf.float32)
+    nm1 = tf.maximum(n - 1.0, 1.0)
+    a = (c0 * n + 0.5 * (c1 - c0) * n / size - 0.5) / nm1
+    b = a + (c1 - c0) * n * (size - 1) / (size * nm1) if size > 1 else a
+    return a, b
+
+
+def render_window(image: tf.Tensor, window: tf.Tensor, size: int, flip: tf.Tensor | bool = False
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Bilinear resample of `window` [4] (corner box normalized to `image`; may reach outside it,
+    where the mean fills in) to size x size, optionally flipped left-right.
+
+    Returns (float32 [size,size,3] in [0,255], float32 [size,size,1] 1 where pixels come from the
+    image, 0 where from the fill).
+    """
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    mean = tf.constant(MEAN_RGB, tf.float32)
+    x0, y0, x1, y1 = tf.unstack(window)
+    flip = tf.convert_to_tensor(flip)
+    xs, xe = tf.where(flip, x1, x0), tf.where(flip, x0, x1)
+    ya, yb = _axis_window(y0, y1, h, size)
+    xa, xb = _axis_window(xs, xe, w, size)
+    img = tf.cast(image, tf.float32) - mean
+    out = tf.image.crop_and_resize(img[None], tf.stack([ya, xa, yb, xb])[None], [0], [size, size],
+                                   method="bilinear", extrapolation_value=0.0)[0] + mean
+    t = (tf.range(size, dtype=tf.float32) + 0.5) / size
+    ys = y0 + t * (y1 - y0)
+    xc = xs + t * (xe - xs)
+    in_y = tf.cast((ys >= 0.0) & (ys <= 1.0), tf.float32)
+    in_x = tf.cast((xc >= 0.0) & (xc <= 1.0), tf.float32)
+    valid = (in_y[:, None] * in_x[None, :])[..., None]
+    return out, valid
+
+
+def photometric_distort(image: tf.Tensor, seed: tf.Tensor, valid: tf.Tensor | None = None
+                        ) -> tf.Tensor:
+    """Brightness +-32, contrast and saturation x[0.5, 1.5], hue +-18 deg, each with p 0.5, in a
+    random order. image float32 [H,W,3] in [0,255] -> same. `valid` [H,W,1] (optional) marks image
+    pixels: the rest keep their value, and contrast's grey mean is taken over image pixels only.
+    """
+    s = _seeds(seed, 7)
+    coins = _uniform(s[0], (4,)) < 0.5
+    order = tf.argsort(_uniform(s[1], (4,)))
+    delta = _uniform(s[2], (), -32.0 / 255.0, 32.0 / 255.0)
+    contrast = _uniform(s[3], (), 0.5, 1.5)
+    saturation = _uniform(s[4], (), 0.5, 1.5)
+    hue = _uniform(s[5], (), -18.0 / 360.0, 18.0 / 360.0)
+    weights = tf.ones_like(image[..., :1]) if valid is None else valid
+    x = image / 255.0
+
+    def gated(j, fn):
+        return lambda x: tf.cond(coins[j], lambda: tf.clip_by_value(fn(x), 0.0, 1.0), lambda: x)
+
+    def adjust_contrast(x):
+        grey = tf.image.rgb_to_grayscale(x)
+        mean = tf.reduce_sum(grey * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+        return (x - mean) * contrast + mean
+
+    ops = [
+        gated(0, lambda x: x + delta),
+        gated(1, adjust_contrast),
+        gated(2, lambda x: tf.image.adjust_saturation(x, saturation)),
+        gated(3, lambda x: tf.image.adjust_hue(x, hue)),
+    ]
+    for k in range(4):
+        x = tf.switch_case(order[k], [(lambda op=op, x=x: op(x)) for op in ops])
+        x.set_shape(image.shape)
+    out = x * 255.0
+    if valid is not None:
+        out = out * valid + image * (1.0 - valid)
+    return out
+
+
+def train_augment(
+    image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *, size: int,
+    photometric: bool = True, expand: bool = True, crop: bool = True, flip: bool = True,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """SSD training augmentation (see module docstring).
+
+    Args:
+      image: uint8 [H,W,3] RGB.
+      boxes: float32 [N,4] normalized corners; labels: int32 [N].
+      seed: int64 [2] per-example seed.
+      size: output side S.
+    Returns:
+      image uint8 [S,S,3], boxes float32 [K,4] (normalized to the output), labels int32 [K].
+    """
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    s = _seeds(seed, 4)
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    # 1. expand: image occupies [ox, ox + 1/r] x [oy, oy + 1/r] of the canvas.
+    if expand:
+        ox, oy, r = tf.unstack(sample_expand(s[0]))
+    else:
+        ox, oy, r = tf.constant(0.0), tf.constant(0.0), tf.constant(1.0)
+    origin = tf.stack([ox, oy, ox, oy])
+    canvas_boxes = origin + boxes / r
+    # 2. min-IoU crop on the canvas (aspect of canvas == aspect of image).
+    if crop:
+        window, _ = sample_min_iou_crop(canvas_boxes, s[1], w / h)
+    else:
+        window = tf.constant([0.0, 0.0, 1.0, 1.0])
+    out_boxes, keep = crop_boxes(canvas_boxes, window)
+    out_labels = tf.boolean_mask(labels, keep)
+    # 3. flip.
+    do_flip = (_uniform(s[2]) < 0.5) if flip else tf.constant(False)
+    out_boxes = tf.cond(do_flip, lambda: flip_boxes(out_boxes), lambda: out_boxes)
+    # 4. one resample of the original image: canvas window -> original-image coordinates.
+    window_img = (window - origin) * r
+    pixels, valid = render_window(image, window_img, size, do_flip)
+    # 5. photometric distortion, fill untouched.
+    if photometric:
+        pixels = photometric_distort(pixels, s[3], valid)
+    out = tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+    return out, out_boxes, out_labels
+
+
+def eval_resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Bilinear resize uint8 [H,W,3] -> uint8 [S,S,3] (boxes, normalized, are unchanged)."""
+    out = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)

@@ -1,0 +1,391 @@
+"""tf.data input pipeline: training and evaluation batches as dicts of numpy arrays.
+
+    info = get_dataset_info(dataset_cfg)
+    it = create_train_iterator(dataset_cfg, image_size=300, batch_size=32, max_boxes=100, seed=0)
+    ev = create_eval_iterator(dataset_cfg, image_size=300, batch_size=32, max_boxes=100)
+
+Boxes are corner form (xmin, ymin, xmax, ymax) normalized to [0, 1]; labels 1..C-1, 0 = padding.
+
+Determinism and resume. The training stream is a function of (seed, step):
+
+* Table sources (synthetic, coco_json, voc_xml) have random access. Element j of the per-host
+  batch at step k is global element g = k * batch_size * process_count + process_index *
+  batch_size + j; with N images, epoch = g // N and the image is
+  `index_shuffle(g % N, seed=[seed, epoch], max_index=N-1)`; its augmentation seed is
+  (seed, g). `start_step=k` starts the stream at step k without touching the skipped steps, and
+  the global batch does not depend on process_count. An image that cannot be decoded is replaced
+  by the next one of the same epoch's permutation (up to 8 tries, then a blank negative), so every
+  position still yields one example and positions never shift.
+* TFDS sources (tfrecords, no random access) are read in file order (shuffle_files=False), then
+  `shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()`, which is deterministic
+  for a seed; `start_step=k` skips k * batch_size records *before* images are decoded (images stay
+  encoded until after the skip, so skipping costs reading, not decoding), and the augmentation
+  seed is (seed, process_index, position in the stream). Each host reads
+  `tfds.even_splits(split, process_count)[process_index]`.
+
+Bad input: annotation problems are repaired when the source is built (see sources.py). At run
+time undecodable images are skipped, grayscale/RGBA/CMYK images converted to RGB and boxes past
+max_boxes truncated; all of it is counted in `get_stats()` and logged with absl logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from ssd_jax.data import augment, sources
+from ssd_jax.data.tf_compat import tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+_FALLBACK_TRIES = 8
+_STATS: Counter = Counter()
+_STATS_LOCK = threading.Lock()
+_COUNTED_SOURCES: set[int] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """num_classes counts background; class_names excludes it (label i -> class_names[i-1])."""
+
+    num_classes: int
+    class_names: tuple[str, ...]
+    num_train: int | None
+    num_eval: int | None
+
+
+def get_stats() -> dict[str, int]:
+    """Counts of repaired / skipped input so far in this process (all sources and iterators)."""
+    with _STATS_LOCK:
+        return dict(_STATS)
+
+
+def reset_stats() -> None:
+    """Zero the counters of `get_stats()`."""
+    with _STATS_LOCK:
+        _STATS.clear()
+        _COUNTED_SOURCES.clear()
+
+
+def _count(counts: dict[str, int]) -> None:
+    counts = {k: int(v) for k, v in counts.items() if v}
+    if not counts:
+        return
+    with _STATS_LOCK:
+        _STATS.update(counts)
+        total = dict(_STATS)
+    logging.log_every_n_seconds(logging.WARNING, "input pipeline repairs so far: %s", 60, total)
+
+
+def _source(cfg: Any, split: str) -> sources.Table | sources.TfdsSource:
+    src = sources.load_source(cfg, split)
+    if isinstance(src, sources.Table) and id(src) not in _COUNTED_SOURCES:
+        with _STATS_LOCK:
+            _COUNTED_SOURCES.add(id(src))
+        _count(src.stats)
+    return src
+
+
+def get_dataset_info(dataset_cfg: Any) -> DatasetInfo:
+    """Classes and sizes of the dataset described by `dataset_cfg` (num_eval None if unknown)."""
+    train = _source(dataset_cfg, "train")
+    if isinstance(train, sources.TfdsSource):
+        split = lambda s: sources._get(dataset_cfg, s)
+        num_train = train.num_examples(split("train_split")) if split("train_split") else None
+        num_eval = train.num_examples(split("eval_split")) if split("eval_split") else None
+    else:
+        num_train = len(train)
+        try:
+            num_eval = len(_source(dataset_cfg, "eval"))
+        except ValueError as e:  # no eval data configured
+            logging.info("no eval data: %s", e)
+            num_eval = None
+    names = tuple(train.class_names)
+    return DatasetInfo(len(names) + 1, names, num_train, num_eval)
+
+
+# ------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode_image(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Encoded JPEG/PNG/GIF/BMP/WebP -> (uint8 [H,W,3] RGB, bool: converted from another layout).
+
+    Grayscale (+alpha) is replicated to RGB, alpha dropped; CMYK JPEGs come out RGB from the
+    decoder. Undecodable data raises (callers catch it with tf.data's ignore_errors).
+    """
+    img = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
+    c = tf.shape(img)[2]
+    rgb = tf.cond(c >= 3, lambda: img[..., :3], lambda: tf.tile(img[..., :1], [1, 1, 3]))
+    rgb.set_shape([None, None, 3])
+    return rgb, tf.not_equal(c, 3)
+
+
+class _TableTF:
+    """A Table's arrays as TF tensors, and by-index example loading."""
+
+    def __init__(self, table: sources.Table):
+        self.n = len(table)
+        self.row_splits = tf.constant(table.row_splits, tf.int64)
+        self.boxes = tf.constant(table.boxes.reshape(-1, 4), tf.float32)
+        self.labels = tf.constant(table.labels, tf.int32)
+        self.difficult = tf.constant(table.difficult, tf.bool)
+        self.iscrowd = tf.constant(table.iscrowd, tf.bool)
+        self.image_id = tf.constant(table.image_id, tf.int64)
+        self.images = None if table.images is None else tf.constant(table.images, tf.uint8)
+        self.paths = None if table.paths is None else tf.constant(
+            [str(p) for p in table.paths], tf.string)
+
+    def load(self, idx: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Example `idx` in the source contract, plus `converted` (bool)."""
+        if self.images is not None:
+            image, converted = tf.gather(self.images, idx), tf.constant(False)
+        else:
+            image, converted = decode_image(tf.io.read_file(self.paths[idx]))
+        s, e = self.row_splits[idx], self.row_splits[idx + 1]
+        return {"image": image, "boxes": self.boxes[s:e], "labels": self.labels[s:e],
+                "difficult": self.difficult[s:e], "iscrowd": self.iscrowd[s:e],
+                "image_id": self.image_id[idx], "converted": converted}
+
+
+def _pad(x: tf.Tensor, m: int) -> tf.Tensor:
+    x = x[:m]
+    pad = [[0, m - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1)
+    out = tf.pad(x, pad)
+    out.set_shape([m, *x.shape[1:]])
+    return out
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return options
+
+
+# ------------------------------------------------------------------------------------------
+# training
+
+
+def create_train_iterator(
+    dataset_cfg: Any, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
+    start_step: int = 0, process_index: int = 0, process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless augmented training batches for this host.
+
+    Yields {"image": uint8 [b,S,S,3], "boxes": float32 [b,M,4] normalized corners,
+    "labels": int32 [b,M] (0 = padding)}, b = batch_size (per host), S = image_size,
+    M = max_boxes. The batch at step k is a function of (seed, k); start_step=k resumes exactly.
+    """
+    ds = make_train_dataset(dataset_cfg, image_size=image_size, batch_size=batch_size,
+                            max_boxes=max_boxes, seed=seed, start_step=start_step,
+                            process_index=process_index, process_count=process_count)
+    return _StatsIterator(ds, ("attempts", "converted", "truncated"))
+
+
+def make_train_dataset(
+    dataset_cfg: Any, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
+    start_step: int = 0, process_index: int = 0, process_count: int = 1,
+) -> tf.data.Dataset:
+    """The tf.data.Dataset behind `create_train_iterator` (batches carry extra stats fields:
+    attempts int32 [b] (undecodable images skipped), converted bool [b], truncated int32 [b])."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
+                         f"{process_count}")
+    src = _source(dataset_cfg, "train")
+    b, size = int(batch_size), int(image_size)
+    if isinstance(src, sources.TfdsSource):
+        ds = _tfds_train_examples(dataset_cfg, src, b, seed, start_step, process_index,
+                                  process_count)
+    else:
+        ds = _table_train_examples(src, b, seed, start_step, process_index, process_count)
+
+    def prepare(ex):
+        image, boxes, labels = augment.train_augment(ex["image"], ex["boxes"], ex["labels"],
+                                                     ex["seed"], size=size)
+        n = tf.shape(boxes)[0]
+        return {"image": image, "boxes": _pad(boxes, max_boxes), "labels": _pad(labels, max_boxes),
+                "attempts": ex["attempts"], "converted": ex["converted"],
+                "truncated": tf.maximum(n - max_boxes, 0)}
+
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(b, drop_remainder=True).prefetch(AUTOTUNE)
+    return ds.with_options(_options())
+
+
+def _table_train_examples(table: sources.Table, b: int, seed: int, start_step: int,
+                          process_index: int, process_count: int) -> tf.data.Dataset:
+    t = _TableTF(table)
+    n = t.n
+    blank = {"image": tf.fill([8, 8, 3], tf.constant(128, tf.uint8)),
+             "boxes": tf.zeros([0, 4]), "labels": tf.zeros([0], tf.int32),
+             "difficult": tf.zeros([0], tf.bool), "iscrowd": tf.zeros([0], tf.bool),
+             "image_id": tf.constant(-1, tf.int64), "converted": tf.constant(False),
+             "attempts": tf.constant(_FALLBACK_TRIES, tf.int32)}
+
+    def candidates(local):
+        step, j = local // b, local % b
+        g = step * b * process_count + process_index * b + j
+        epoch, pos = g // n, g % n
+        tries = tf.range(_FALLBACK_TRIES, dtype=tf.int64)
+        order = tf.random.experimental.index_shuffle(
+            (pos + tries) % n, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+            max_index=n - 1)
+        return g, order
+
+    def load_first(g, order):
+        def load(idx, attempt):
+            ex = t.load(idx)
+            ex["attempts"] = tf.cast(attempt, tf.int32)
+            return ex
+
+        tries = tf.data.Dataset.from_tensor_slices((order, tf.range(_FALLBACK_TRIES)))
+        ds = tries.map(load).ignore_errors().concatenate(tf.data.Dataset.from_tensors(blank))
+        seed_g = tf.stack([tf.constant(seed, tf.int64), g])
+        return ds.take(1).map(lambda ex: {**ex, "seed": seed_g})
+
+    ds = tf.data.Dataset.range(start_step * b, 2**62).map(candidates)
+    return ds.interleave(load_first, cycle_length=4, block_length=1, num_parallel_calls=AUTOTUNE,
+                         deterministic=True)
+
+
+def _tfds_train_examples(cfg: Any, src: sources.TfdsSource, b: int, seed: int, start_step: int,
+                         process_index: int, process_count: int) -> tf.data.Dataset:
+    split = sources._get(cfg, "train_split", "train")
+    ds = src.dataset(split, process_index=process_index, process_count=process_count,
+                     keep_crowd=False, use_difficult=bool(sources._get(cfg, "use_difficult", True)))
+    buffer = int(sources._get(cfg, "shuffle_buffer", 10_000))
+    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.enumerate().skip(start_step * b)
+
+    def decode(i, ex):
+        image, converted = decode_image(ex["encoded"])
+        seed_i = tf.stack([tf.constant(seed, tf.int64), tf.constant(process_index, tf.int64), i])
+        return {"image": image, "boxes": ex["boxes"], "labels": ex["labels"], "seed": seed_i,
+                "converted": converted, "attempts": tf.constant(0, tf.int32)}
+
+    return ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+
+
+class _StatsIterator:
+    """Iterates a batched dataset as numpy dicts, moving stats fields into `get_stats()`."""
+
+    def __init__(self, ds: tf.data.Dataset, stat_keys: tuple[str, ...]):
+        self.dataset = ds
+        self._it = ds.as_numpy_iterator()
+        self._keys = stat_keys
+        self.stats: Counter = Counter()
+
+    def __iter__(self) -> _StatsIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        counts = {
+            "images_skipped_undecodable": int(batch.pop("attempts").sum()),
+            "images_converted_to_rgb": int(batch.pop("converted").sum()),
+            "boxes_truncated": int(batch.pop("truncated").sum()),
+        }
+        self.stats.update({k: v for k, v in counts.items() if v})
+        _count(counts)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation
+
+
+class EvalIterator:
+    """Re-iterable eval batches; each iteration is one full pass over this host's images.
+
+    Batches: {"image": uint8 [b,S,S,3], "boxes": float32 [b,M,4], "labels": int32 [b,M],
+    "difficult", "iscrowd": bool [b,M], "image_size": int32 [b,2] (original height, width),
+    "image_id": int64 [b], "mask": bool [b] (False for padding)}. Every host yields the same
+    number of batches (`len(self)`); each readable image appears exactly once over all hosts.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int):
+        self.dataset = dataset
+        self.num_batches = num_batches
+        self.num_examples = num_examples  # images assigned to this host
+        self.stats: Counter = Counter()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        seen = 0
+        for batch in self.dataset.as_numpy_iterator():
+            seen += int(batch["mask"].sum())
+            counts = {"images_converted_to_rgb": int(batch.pop("converted").sum()),
+                      "boxes_truncated": int(batch.pop("truncated").sum())}
+            self.stats.update(counts)
+            _count(counts)
+            yield batch
+        skipped = {"images_skipped_undecodable": self.num_examples - seen}
+        self.stats.update(skipped)
+        _count(skipped)
+
+
+def create_eval_iterator(
+    dataset_cfg: Any, *, image_size: int, batch_size: int, max_boxes: int,
+    process_index: int = 0, process_count: int = 1,
+) -> EvalIterator:
+    """Resized (no augmentation) eval batches of this host's share; see `EvalIterator`."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
+                         f"{process_count}")
+    src = _source(dataset_cfg, "eval")
+    b, size, m = int(batch_size), int(image_size), int(max_boxes)
+    if isinstance(src, sources.TfdsSource):
+        split = sources._get(dataset_cfg, "eval_split", "test")
+        total = src.num_examples(split)
+        examples = src.dataset(split, process_index=process_index, process_count=process_count,
+                               keep_crowd=True)
+        local = src.num_examples(
+            _host_split(split, process_index, process_count))
+
+        def load(ex):
+            image, converted = decode_image(ex["encoded"])
+            return {**{k: v for k, v in ex.items() if k != "encoded"}, "image": image,
+                    "converted": converted}
+    else:
+        t = _TableTF(src)
+        total = len(src)
+        indices = np.array_split(np.arange(total), process_count)[process_index]
+        local = len(indices)
+        examples = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+        load = t.load
+
+    def prepare(ex):
+        shape = tf.shape(ex["image"])
+        n = tf.shape(ex["boxes"])[0]
+        return {"image": augment.eval_resize(ex["image"], size),
+                "boxes": _pad(ex["boxes"], m), "labels": _pad(ex["labels"], m),
+                "difficult": _pad(ex["difficult"], m), "iscrowd": _pad(ex["iscrowd"], m),
+                "image_size": tf.cast(shape[:2], tf.int32), "image_id": ex["image_id"],
+                "mask": tf.constant(True), "converted": ex["converted"],
+                "truncated": tf.maximum(n - m, 0)}
+
+    pad = {"image": tf.zeros([size, size, 3], tf.uint8), "boxes": tf.zeros([m, 4]),
+           "labels": tf.zeros([m], tf.int32), "difficult": tf.zeros([m], tf.bool),
+           "iscrowd": tf.zeros([m], tf.bool), "image_size": tf.zeros([2], tf.int32),
+           "image_id": tf.constant(-1, tf.int64), "mask": tf.constant(False),
+           "converted": tf.constant(False), "truncated": tf.constant(0, tf.int32)}
+    num_batches = math.ceil(math.ceil(total / process_count) / b)
+    ds = examples.map(lambda x: prepare(load(x)), num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    ds = ds.take(num_batches * b).batch(b, drop_remainder=True).prefetch(AUTOTUNE)
+    return EvalIterator(ds.with_options(_options()), num_batches, local)
+
+
+def _host_split(split: str, process_index: int, process_count: int) -> str:
+    import tensorflow_datasets as tfds
+
+    return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -83,35 +84,59 @@ def _noise_tile(size: int) -> np.ndarray:
     return tile
 
 
-def _noise(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Pixel noise float32 [S, S] with a random sigma in [0, 10] (a view: do not modify)."""
-    oy, ox = (int(v) for v in rng.integers(0, size + 1, size=2))
-    return _noise_tile(size)[oy : oy + size, ox : ox + size] * np.float32(rng.uniform(0.0, 10.0))
+_WORKSPACE = threading.local()
 
 
-def _background(rng: np.random.Generator, size: int, noise: np.ndarray) -> Image.Image:
-    """A textured RGB background of side S: gradient + stripes/blotches/checker + noise.
+def _workspace(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread scratch buffers: basis float32 [3, S, S], rgb float32 [3, S*S], uint8 [3, S*S].
 
-    Computed channel by channel ([S, S] float32 planes, in place) because that is several times
-    faster than broadcasting over a trailing channel axis of 3.
+    Reused across calls: allocating ~3 MB of temporaries per image made glibc return and re-map
+    the memory every call, and the page faults cost more than the arithmetic.
     """
+    bufs = getattr(_WORKSPACE, "bufs", None)
+    if bufs is None or bufs[0].shape[1] != size:
+        bufs = (
+            np.empty((3, size, size), np.float32),
+            np.empty((3, size * size), np.float32),
+            np.empty((3, size * size), np.uint8),
+        )
+        _WORKSPACE.bufs = bufs
+    return bufs
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray]:
+    """A textured RGB background of side S: gradient + stripes/blotches/checker + pixel noise.
+
+    Returns (image, noise): noise float32 [S, S] is the pixel noise (sigma in [0, 10]) that the
+    objects get too; it lives in the per-thread workspace, valid until the next call.
+    """
+    basis, rgb, rgb_u8 = _workspace(size)
+    proj, noise, texture = basis[0], basis[1], basis[2]
+    oy, ox = (int(v) for v in rng.integers(0, size + 1, size=2))
+    sigma = np.float32(rng.uniform(0.0, 10.0))
+    np.multiply(_noise_tile(size)[oy : oy + size, ox : ox + size], sigma, out=noise)
+
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
     theta = rng.uniform(0.0, 2.0 * math.pi)
     cx, cy = math.cos(theta), math.sin(theta)
-    proj = coords[None, :] * np.float32(cx) + coords[:, None] * np.float32(cy)  # [S,S]
-    lo = min(0.0, cx) + min(0.0, cy)  # proj spans about [lo, lo + |cx| + |cy|]
-    proj -= np.float32(lo)
-    proj *= np.float32(1.0 / (abs(cx) + abs(cy)))
+    lo = min(0.0, cx) + min(0.0, cy)  # x*cx + y*cy spans [lo, lo + |cx| + |cy|] on [0,1]^2
+    scale = 1.0 / (abs(cx) + abs(cy))
+    np.add.outer(coords * np.float32(cy * scale), coords * np.float32(cx * scale), out=proj)
+    proj -= np.float32(lo * scale)  # now in [0, 1]
     c0, c1 = _random_color(rng), _random_color(rng)
     delta = (c1 - c0) * rng.uniform(0.2, 0.8)  # keep gradients moderate
 
-    texture: np.ndarray | None = None
+    amp = np.zeros(3)
     kind = rng.integers(0, 4)
     if kind == 1:  # stripes of random orientation and period
         phi = rng.uniform(0.0, math.pi)
         freq = 2.0 * math.pi * size / rng.uniform(3.0, 24.0)
-        t = coords[None, :] * np.float32(math.cos(phi) * freq)
-        texture = np.sin(t + coords[:, None] * np.float32(math.sin(phi) * freq))
+        np.add.outer(
+            coords * np.float32(math.sin(phi) * freq),
+            coords * np.float32(math.cos(phi) * freq),
+            out=texture,
+        )
+        np.sin(texture, out=texture)
         if rng.random() < 0.5:
             np.sign(texture, out=texture)
         amp = rng.uniform(-40.0, 40.0, size=3)
@@ -119,26 +144,24 @@ def _background(rng: np.random.Generator, size: int, noise: np.ndarray) -> Image
         cells = int(rng.integers(3, 13))
         low = rng.uniform(-1.0, 1.0, size=(cells, cells)).astype(np.float32)
         blot = Image.fromarray(low, mode="F").resize((size, size), Image.Resampling.BILINEAR)
-        texture = np.asarray(blot)
+        texture[...] = np.asarray(blot)
         amp = rng.uniform(-50.0, 50.0, size=3)
     elif kind == 3:  # checkerboard of random cell size
         cell = int(rng.integers(4, 33))
-        idx = np.arange(size) // cell
-        texture = ((idx[None, :] + idx[:, None]) % 2).astype(np.float32) * 2.0 - 1.0
+        sign = ((np.arange(size) // cell) % 2).astype(np.float32) * 2.0 - 1.0
+        np.multiply.outer(sign, sign, out=texture)
         amp = rng.uniform(-25.0, 25.0, size=3)
+    else:
+        texture[...] = 0.0
 
-    planes = []
-    tmp = np.empty((size, size), np.float32)
-    for ch in range(3):
-        plane = proj * np.float32(delta[ch])
-        plane += np.float32(c0[ch] + 0.5)
-        plane += noise
-        if texture is not None:
-            np.multiply(texture, np.float32(amp[ch]), out=tmp)
-            plane += tmp
-        np.clip(plane, 0.0, 255.0, out=plane)
-        planes.append(Image.fromarray(plane.astype(np.uint8)))
-    return Image.merge("RGB", planes)
+    # Mix the planes into RGB: [3, K] x [K, S*S] (einsum: no BLAS threads to wake).
+    mix = np.stack([delta, np.ones(3), amp], axis=1).astype(np.float32)
+    np.einsum("ck,kp->cp", mix, basis.reshape(3, size * size), out=rgb)
+    rgb += (c0 + 0.5).astype(np.float32)[:, None]
+    np.clip(rgb, 0.0, 255.0, out=rgb)
+    np.copyto(rgb_u8, rgb, casting="unsafe")
+    planes = [Image.frombytes("L", (size, size), p.tobytes()) for p in rgb_u8]
+    return Image.merge("RGB", planes), noise
 
 
 def _draw_distractors(rng: np.random.Generator, image: Image.Image) -> None:
@@ -358,8 +381,7 @@ def _render(
     ``owner[y, x]`` is the index (into boxes/labels) of the object visible at that pixel, or -1.
     """
     size = image_size
-    noise = _noise(rng, size)
-    pil = _background(rng, size, noise)
+    pil, noise = _background(rng, size)
     _draw_distractors(rng, pil)
     image = np.array(pil)  # uint8 [S,S,3], writable
     owner = np.full((size, size), -1, np.int8)

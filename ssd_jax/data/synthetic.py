@@ -525,7 +525,7 @@ def render_preview(
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=1)
             text = CLASS_NAMES[int(label) - 1]
             tw = draw.textlength(text)
-            ty = y0 - 11 if y0 >= 11 else y0
+            ty = y0 - 11 if y0 >= 11 else min(y1, image_size - 11)  # above, else below the box
             draw.rectangle([x0, ty, x0 + tw + 2, ty + 10], fill=(0, 0, 0))
             draw.text((x0 + 1, ty), text, fill=color)
         r, c = divmod(i, cols)

@@ -18,7 +18,12 @@ Conventions (see DESIGN.md):
     in padded arrays, "no box".
 
 Randomness: one ``np.random.default_rng(SeedSequence([tag, seed, split_code, index]))`` per example,
-so an example depends on (seed, split, index) only; train and val use different streams.
+so an example depends on (seed, split, index) only; train and val use different streams. The pixel
+noise is a random crop of a constant tile (fixed seed), which is what keeps generation near 3 ms
+per 256x256 image on one core. Thread-safe (scratch buffers are per thread).
+
+`generate_example_with_masks` also returns the per-pixel owner map (visible mask of each object),
+for tests and debugging; `render_preview` draws a grid of examples with their boxes to a PNG.
 """
 
 from __future__ import annotations

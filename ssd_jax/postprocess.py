@@ -58,7 +58,7 @@ def _pairwise_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
 
 def nms_padded(
-    boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float, tile_size: int = 64
+    boxes: jnp.ndarray, valid: jnp.ndarray, iou_threshold: float, tile_size: int = 32
 ) -> jnp.ndarray:
     """Greedy NMS of N independent sets of score-sorted candidates, with static shapes.
 
@@ -123,7 +123,7 @@ def detect(
     iou_threshold: float = 0.45,
     max_detections: int = 200,
     variances: box_coder.Variances = (0.1, 0.2),
-    nms_tile_size: int = 64,
+    nms_tile_size: int = 32,
 ) -> Detections:
     """Detections from SSD head outputs, as the paper and torchvision's postprocess_detections.
 

@@ -399,3 +399,54 @@ def test_evaluator_accepts_jax_detections():
     ev.add_batch(d, {"boxes": jnp.asarray([[A, B]]), "labels": jnp.asarray([[1, 2]]),
                      "image_size": jnp.asarray([[100, 200]])})
     np.testing.assert_allclose(ev.result()["AP"], [1.0, 1.0], rtol=1e-12)
+
+
+_WORKER = r'''
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, repo = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=pid)
+import numpy as np
+sys.path[:0] = [repo, repo + "/tests"]
+from ssd_jax import evaluation
+from test_evaluation import padded_batches, random_dataset
+gts, dets = random_dataset(np.random.default_rng(0), 23, 5)
+mine = list(range(pid, 23, 2))  # 12 images on process 0, 11 on process 1
+ev = evaluation.DetectionEvaluator(5, metric="voc07")
+for d, batch in padded_batches([gts[i] for i in mine], [dets[i] for i in mine], 4, 8, 12,
+                               np.random.default_rng(pid)):
+    batch["image_id"] = np.asarray(mine + [-1] * 4)[batch["image_id"]]
+    ev.add_batch(d, batch)
+print(json.dumps({"AP": ev.result()["AP"], "n": len(ev)}))
+'''
+
+
+@pytest.mark.slow
+def test_evaluator_gathers_across_two_processes(tmp_path):
+    """Two JAX processes (gloo on CPU), each with part of the images: both get the full result."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), repo], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    gts, dets = random_dataset(np.random.default_rng(0), 23, 5)
+    ref = evaluation.evaluate_voc(gts, dets, 5)["AP"]
+    assert [r["n"] for r in results] == [12, 11]
+    for r in results:
+        np.testing.assert_allclose(np.asarray(r["AP"], float), ref, rtol=1e-6)

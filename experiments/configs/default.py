@@ -1,0 +1,64 @@
+"""The embedded default: the compact SSD trained from scratch on the synthetic shapes dataset.
+
+Runs on a 2-core CPU in minutes: `python -m experiments.train --workdir=DIR`. Every other config
+starts from this one and changes a few fields; any field can be overridden on the command line
+(`--config.num_train_steps=100`).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Model: a name from ssd_jax.models.MODELS; its prior spec fixes the input size.
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "compact"
+
+    # Data: ssd_jax.data.pipeline reads config.dataset (kind = synthetic | tfds | coco_json | voc_xml).
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.kind = "synthetic"
+    config.dataset.seed = 0            # the synthetic images (independent of the training seed)
+    config.dataset.num_train = 4000    # synthetic training images, generated once and held in memory
+    config.dataset.num_eval = 500      # synthetic validation images (a disjoint split)
+    config.dataset.image_size = 192    # side of the generated images before augmentation/resize
+    config.max_boxes = 16              # ground truth per image, padded with label 0 ("no box")
+
+    # Optimization.
+    config.num_train_steps = 3000      # optimizer updates
+    config.batch_size = 32             # global batch, split over all devices of all hosts
+    config.optimizer = "adamw"         # "sgd" (momentum, Caffe-style L2) or "adamw"
+    config.learning_rate = 3e-3        # peak learning rate
+    config.schedule = "cosine"         # "cosine" (to 0 at the end) or "piecewise" (x lr_decay)
+    config.warmup_steps = 200          # linear warmup from warmup_start_factor * lr
+    config.warmup_start_factor = 0.0   # (piecewise schedule) first warmup lr = factor * lr
+    config.lr_boundaries = ()          # (piecewise schedule) steps where lr is multiplied by lr_decay
+    config.lr_decay = 0.1              # (piecewise schedule) the factor at each boundary
+    config.momentum = 0.9              # (sgd) momentum
+    config.weight_decay = 5e-4         # on conv kernels only (not biases, BN or L2Norm scales)
+    config.grad_clip_norm = 0.0        # global-norm gradient clipping; 0 = off
+    config.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
+    config.seed = 0                    # init, data order and augmentation: a function of (seed, step)
+    config.init_checkpoint = ""        # orbax checkpoint whose params override the fresh init
+
+    # The loss (ssd_jax.loss.multibox_loss) and matching.
+    config.matching_iou = 0.5          # prior <-> ground truth IoU threshold
+    config.neg_pos_ratio = 3.0         # hard negatives per positive, per image
+    config.loc_weight = 1.0            # alpha of the paper's L = (L_conf + alpha L_loc) / N
+
+    # Evaluation and detection (ssd_jax.postprocess.detect).
+    config.metric = "voc07"            # voc07 (11-point mAP) | voc (area mAP) | coco (AP@[.5:.95])
+    config.eval_batch_size = 64        # global eval batch; the last partial batch is padded + masked
+    config.detect = ml_collections.ConfigDict()
+    config.detect.score_threshold = 0.01
+    config.detect.pre_nms_top_k = 200  # candidates per class before NMS (paper: 400 for SSD300)
+    config.detect.iou_threshold = 0.45
+    config.detect.max_detections = 100  # per image (paper: 200)
+    config.num_eval_images_to_draw = 8  # validation images drawn with predictions (TensorBoard, PNG)
+
+    # Bookkeeping.
+    config.log_every_steps = 50
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 3
+    return config

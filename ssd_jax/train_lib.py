@@ -1,0 +1,484 @@
+"""Training and evaluation of SSD: a data-parallel step over all devices of all hosts.
+
+The per-device step is written pmap-style with named-axis collectives over the mesh axis
+``"data"`` and mapped with ``jax.shard_map`` under ``jax.jit`` (the maintained successor of
+``jax.pmap``): params are replicated, the batch is sharded, the state buffers are donated. The
+loss is normalized by the GLOBAL number of positives (``multibox_loss(..., axis_name="data")``
+psums the loss sums and the positive count), so a step gives the same result on 1 or N devices.
+Because the params enter the step replicated, the gradient JAX computes for them is already the
+all-reduced gradient of the global loss (the transpose of the implicit broadcast of a replicated
+value is a psum over ``"data"``): no separate ``pmean`` of the gradients is needed, and adding one
+would be an identity. BatchNorm layers (the compact model) use ``axis_name="data"`` so their
+batch statistics are the global batch's.
+
+``train_and_evaluate(config, workdir)`` is callable from a notebook; ``experiments/train.py`` is
+its command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ssd_jax import loss as loss_lib
+from ssd_jax import matching, models, postprocess, priors
+
+DATASET_KINDS = ("synthetic", "tfds", "coco_json", "voc_xml")
+METRICS = ("voc07", "voc", "coco")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a resumed run needs; the data position is `step` (data order = f(seed, step)).
+
+    Attributes:
+      step: int32 scalar, number of optimizer updates done.
+      params: float32 parameters.
+      batch_stats: BatchNorm running statistics ({} for models without BatchNorm).
+      opt_state: optax state.
+      rng: PRNG key data [2] uint32 of the run (folded with the step and device where used).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    num_processes: int | None = None) -> None:
+    """Raise ValueError naming the field for a config that cannot run; called before any compile."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    kind = config.dataset.get("kind")
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"config.dataset.kind={kind!r} is unknown; choose one of {DATASET_KINDS}")
+    if config.model.name not in models.MODELS:
+        raise ValueError(f"config.model.name={config.model.name!r} is unknown; "
+                         f"choose one of {tuple(models.MODELS)}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype={config.dtype!r} is unknown; choose one of {tuple(DTYPES)}")
+    if config.metric not in METRICS:
+        raise ValueError(f"config.metric={config.metric!r} is unknown; choose one of {METRICS}")
+    for name in ("batch_size", "eval_batch_size"):
+        value = config.get(name)
+        if not isinstance(value, int) or value <= 0 or value % num_devices:
+            raise ValueError(
+                f"config.{name}={value!r} must be a positive multiple of the device count "
+                f"({num_devices}); the global batch is split evenly over all devices")
+        if (value // num_processes) % (num_devices // num_processes):
+            raise ValueError(f"config.{name}={value} does not split evenly over "
+                             f"{num_processes} processes")
+    for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+        if int(config.get(name)) < 0:
+            raise ValueError(f"config.{name} must be >= 0, got {config.get(name)}")
+    if config.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"config.optimizer={config.optimizer!r} must be 'sgd' or 'adamw'")
+    if config.schedule not in ("cosine", "piecewise"):
+        raise ValueError(f"config.schedule={config.schedule!r} must be 'cosine' or 'piecewise'")
+    if kind == "tfds":
+        data_dir = config.dataset.get("data_dir")
+        if not data_dir:
+            raise ValueError("config.dataset.data_dir is required for kind='tfds' "
+                             "(the folder tfds.builder(...).download_and_prepare() wrote)")
+        if not os.path.isdir(data_dir):
+            raise ValueError(f"config.dataset.data_dir={data_dir!r} does not exist")
+    if config.init_checkpoint and not os.path.exists(config.init_checkpoint):
+        raise ValueError(f"config.init_checkpoint={config.init_checkpoint!r} does not exist")
+
+
+# ----------------------------------------------------------------------------- model, optimizer
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.SSD:
+    """The SSD of `config.model.name` with `num_classes` (incl. background) in `config.dtype`."""
+    model = models.build_model(config.model.name, num_classes, DTYPES[config.dtype])
+    if _has_batchnorm(model):
+        model = model.clone(bn_axis_name="data")
+    return model
+
+
+def _has_batchnorm(model: models.SSD) -> bool:
+    return model.arch == "compact"
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then cosine decay to 0 or piecewise x`lr_decay` at
+    `lr_boundaries` (the paper: x0.1 at 80k and 100k)."""
+    lr, warmup = config.learning_rate, int(config.warmup_steps)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(int(config.num_train_steps), warmup + 1), end_value=0.0)
+    boundaries = {int(b): config.lr_decay for b in config.lr_boundaries}
+    if warmup == 0:
+        return optax.piecewise_constant_schedule(lr, boundaries)
+    shifted = {b - warmup: s for b, s in boundaries.items() if b > warmup}
+    return optax.join_schedules(
+        [optax.linear_schedule(lr * config.warmup_start_factor, lr, warmup),
+         optax.piecewise_constant_schedule(lr, shifted)], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on conv kernels only (not biases, BatchNorm or the L2Norm scale)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD with momentum and Caffe-style L2 decay (the paper), or AdamW; both decay kernels only."""
+    schedule = learning_rate_schedule(config)
+    if config.optimizer == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+                         optax.sgd(schedule, momentum=config.momentum))
+    else:
+        tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
+    if config.get("grad_clip_norm"):
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return tx
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.SSD,
+                       tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state from `config.seed` (params float32), optionally starting from
+    `config.init_checkpoint` (e.g. the converted VGG16 backbone: leaves present there override)."""
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    size = model.prior_spec.image_size
+    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, size, size, 3), jnp.uint8)))(init_rng)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    if config.init_checkpoint:
+        from ssd_jax import convert
+
+        loaded = convert.load_checkpoint(config.init_checkpoint)
+        loaded_params = loaded.get("params", loaded)
+        params = convert.merge_params(params, loaded_params)
+        if "batch_stats" in loaded and batch_stats:
+            batch_stats = convert.merge_params(batch_stats, loaded["batch_stats"])
+        logging.info("initialized from %s", config.init_checkpoint)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _apply(model: models.SSD, params: Any, batch_stats: Any, images: jax.Array, train: bool):
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    if train and batch_stats:
+        (cls, box), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return cls, box, updates["batch_stats"]
+    cls, box = model.apply(variables, images, train=train)
+    return cls, box, batch_stats
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.SSD,
+               tx: optax.GradientTransformation, prior_boxes: np.ndarray,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on this device's shard of the batch (runs inside shard_map over "data").
+
+    batch: "image" uint8 [b,S,S,3], "boxes" float32 [b,M,4] normalized corners, "labels" int32
+    [b,M] (0 = padding). Returns the new (replicated) state and metrics summed over the global batch.
+    """
+    cls_t, box_t = matching.match_batch(batch["boxes"], batch["labels"], prior_boxes,
+                                        config.matching_iou)
+
+    def loss_fn(params):
+        cls, box, new_stats = _apply(model, params, state.batch_stats, batch["image"], train=True)
+        value, aux = loss_lib.multibox_loss(cls, box, cls_t, box_t,
+                                            neg_pos_ratio=config.neg_pos_ratio,
+                                            loc_weight=config.loc_weight, axis_name="data")
+        return value, (aux, new_stats)
+
+    (value, (aux, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    images = jax.lax.psum(batch["image"].shape[0], "data")
+    metrics = {
+        "loss": value, "conf_loss": aux["conf_loss"], "loc_loss": aux["loc_loss"],
+        "positives_per_image": aux["num_pos"] / images,
+        "grad_norm": optax.global_norm(grads),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, images: jax.Array, *, model: models.SSD,
+              prior_boxes: np.ndarray, config: ml_collections.ConfigDict) -> postprocess.Detections:
+    """Detections of this device's shard: images uint8 [b,S,S,3] -> `Detections` (fixed size)."""
+    cls, box, _ = _apply(model, state.params, state.batch_stats, images, train=False)
+    d = config.detect
+    return postprocess.detect(cls, box, prior_boxes, score_threshold=d.score_threshold,
+                              pre_nms_top_k=d.pre_nms_top_k, iou_threshold=d.iou_threshold,
+                              max_detections=d.max_detections)
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted, shard_mapped steps over `mesh` and the shardings that feed them."""
+
+    mesh: jax.sharding.Mesh
+    train: Any
+    eval: Any
+    replicated: NamedSharding
+    data: NamedSharding
+
+    def global_batch(self, local: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, jax.Array]:
+        """Per-host numpy batch -> global arrays sharded over "data" (explicit transfer)."""
+        return {k: jax.make_array_from_process_local_data(self.data, local[k]) for k in keys}
+
+
+def make_steps(config: ml_collections.ConfigDict, model: models.SSD,
+               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None) -> Steps:
+    """shard_map the per-device steps over a Mesh of all devices of all processes."""
+    mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",))
+    prior_boxes = priors.generate_priors(model.prior_spec)
+    train = jax.shard_map(
+        functools.partial(train_step, model=model, tx=tx, prior_boxes=prior_boxes, config=config),
+        mesh=mesh, in_specs=(P(), P("data")), out_specs=(P(), P()))
+    evaluate = jax.shard_map(
+        functools.partial(eval_step, model=model, prior_boxes=prior_boxes, config=config),
+        mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    return Steps(mesh=mesh, train=jax.jit(train, donate_argnums=0), eval=jax.jit(evaluate),
+                 replicated=NamedSharding(mesh, P()), data=NamedSharding(mesh, P("data")))
+
+
+def process_local(x: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded global array that live on this process, in batch order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, parts = set(), []
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:
+            seen.add(start)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts, axis=0)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """Orbax manager under WORKDIR/checkpoints: atomic saves (temp dir + rename), keep the last K."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+
+
+def restore_or_init(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    """The latest checkpoint's state if there is one (exact resume), else `state`."""
+    step = manager.latest_step()
+    if step is None:
+        return state
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    logging.info("resumed from checkpoint step %d", step)
+    return restored
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
+    step = int(jax.device_get(state.step))
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(steps: Steps, state: TrainState, config: ml_collections.ConfigDict,
+             eval_batches: Any, num_classes: int, class_names: tuple[str, ...],
+             num_draw: int = 0) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """One pass over the eval data: metrics (VOC07/VOC/COCO per `config.metric`) and up to
+    `num_draw` validation images [S,S,3] uint8 with their predicted boxes drawn."""
+    from ssd_jax import evaluation
+
+    evaluator = evaluation.DetectionEvaluator(num_classes, metric=config.metric,
+                                              class_names=class_names)
+    drawn: list[np.ndarray] = []
+    for local in eval_batches:
+        images = steps.global_batch(local, ("image",))["image"]
+        dets = steps.eval(state, images)
+        dets = postprocess.Detections(*(process_local(x) for x in dets))
+        evaluator.add_batch(dets, local)
+        if len(drawn) < num_draw:
+            drawn += _draw(local, dets, class_names, num_draw - len(drawn))
+    return evaluator.result(), drawn
+
+
+def _draw(local: dict[str, np.ndarray], dets: postprocess.Detections,
+          class_names: tuple[str, ...], n: int, min_score: float = 0.3) -> list[np.ndarray]:
+    from ssd_jax.data import visualize
+
+    out = []
+    for i in range(min(n, local["image"].shape[0])):
+        if "mask" in local and not local["mask"][i]:
+            continue
+        keep = dets.scores[i] >= min_score
+        out.append(visualize.draw_boxes(local["image"][i], dets.boxes[i][keep],
+                                        dets.classes[i][keep], class_names,
+                                        scores=dets.scores[i][keep]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> tuple[TrainState, dict[str, Any]]:
+    """Train (resuming from WORKDIR if it holds a checkpoint) and evaluate.
+
+    Returns the final state (replicated over the mesh) and the final evaluation metrics. Writes
+    WORKDIR/checkpoints (orbax), TensorBoard events and PNGs of validation detections.
+    """
+    from ssd_jax.data import pipeline
+
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_lead = jax.process_index() == 0
+    info = pipeline.get_dataset_info(config.dataset)
+    model = create_model(config, info.num_classes)
+    size = model.prior_spec.image_size
+    tx = create_optimizer(config)
+    steps = make_steps(config, model, tx)
+    n_proc = jax.process_count()
+    local_batch, local_eval_batch = config.batch_size // n_proc, config.eval_batch_size // n_proc
+    eval_batches = pipeline.create_eval_iterator(
+        config.dataset, image_size=size, batch_size=local_eval_batch, max_boxes=config.max_boxes,
+        process_index=jax.process_index(), process_count=n_proc)
+
+    manager = checkpoint_manager(workdir, config)
+    state = jax.device_put(restore_or_init(manager, create_train_state(config, model, tx)),
+                           steps.replicated)
+    start_step = int(jax.device_get(state.step))
+    train_iter: Iterator[dict[str, np.ndarray]] = pipeline.create_train_iterator(
+        config.dataset, image_size=size, batch_size=local_batch, max_boxes=config.max_boxes,
+        seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+        process_count=n_proc)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in config.to_dict().items()
+                              if isinstance(v, int | float | str | bool)})
+    samples_png = os.path.join(workdir, "samples")
+    os.makedirs(samples_png, exist_ok=True)
+    schedule = learning_rate_schedule(config)
+    total = int(config.num_train_steps)
+    logging.info("training %s on %s (%d classes) for %d steps, batch %d over %d devices; "
+                 "starting at step %d", config.model.name, config.dataset.kind, info.num_classes,
+                 total, config.batch_size, jax.device_count(), start_step)
+    train_keys = ("image", "boxes", "labels")
+    metrics_sum: dict[str, jax.Array] | None = None
+    n_summed, t_last, step_last = 0, time.perf_counter(), start_step
+    t_start = t_last
+    last_eval: dict[str, Any] = {}
+
+    def run_eval(step: int) -> dict[str, Any]:
+        result, drawn = evaluate(steps, state, config, eval_batches, info.num_classes,
+                                 info.class_names, num_draw=config.num_eval_images_to_draw)
+        scalars = {f"eval/{k}": v for k, v in result.items()
+                   if isinstance(v, int | float) and not math.isnan(v)}
+        writer.write_scalars(step, scalars)
+        if drawn and is_lead:
+            writer.write_images(step, {"eval/detections": np.stack(drawn)})
+            from ssd_jax.data import visualize
+            path = os.path.join(samples_png, f"detections_step{step:07d}.png")
+            visualize.save_image_grid(drawn, path)
+        return result
+
+    for step in range(start_step, total):
+        local = next(train_iter)
+        batch = steps.global_batch(local, train_keys)
+        with jax.transfer_guard("disallow"):
+            state, metrics = steps.train(state, batch)
+        metrics_sum = metrics if metrics_sum is None else jax.tree.map(jnp.add, metrics_sum, metrics)
+        n_summed += 1
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total:
+            summed = jax.device_get(metrics_sum)
+            means = {f"train/{k}": float(v) / n_summed for k, v in summed.items()}
+            if not math.isfinite(means["train/loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite training loss {means['train/loss']} in steps {done - n_summed + 1}"
+                    f"..{done}; stopping. The last good checkpoint is kept in "
+                    f"{manager.directory} (step {manager.latest_step()}).")
+            now = time.perf_counter()
+            rate = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
+            means["train/learning_rate"] = float(schedule(step))
+            means["train/images_per_sec"] = rate
+            writer.write_scalars(done, means)
+            eta = (total - done) * config.batch_size / max(rate, 1e-9)
+            logging.info("step %d/%d (%.0f%%) loss %.4f (conf %.4f, loc %.4f) %.1f img/s ETA %s",
+                         done, total, 100 * done / total, means["train/loss"],
+                         means["train/conf_loss"], means["train/loc_loss"], rate, _fmt_duration(eta))
+            metrics_sum, n_summed, t_last, step_last = None, 0, now, done
+        if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 and done < total:
+            _check_finite_then_save(manager, state, done)
+        if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
+            last_eval = run_eval(done)
+            logging.info("eval at step %d: %s", done, _summary(last_eval, config.metric))
+
+    if start_step < total or manager.latest_step() != total:
+        _check_finite_then_save(manager, state, total)
+    last_eval = run_eval(total)
+    logging.info("final eval at step %d: %s", total, _summary(last_eval, config.metric))
+    writer.flush()
+    elapsed = time.perf_counter() - t_start
+    if is_lead:
+        print(f"\nDone in {_fmt_duration(elapsed)}: {_summary(last_eval, config.metric)}\n"
+              f"  checkpoints: {manager.directory}\n"
+              f"  TensorBoard: tensorboard --logdir {workdir}\n"
+              f"  sample pictures: {samples_png}", flush=True)
+    manager.close()
+    return state, last_eval
+
+
+def _check_finite_then_save(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
+    leaves = jax.tree.leaves(state.params)
+    finite = all(bool(jnp.isfinite(x).all()) for x in jax.device_get(leaves))
+    if not finite:
+        raise NonFiniteLossError(
+            f"parameters became non-finite by step {step}; not saving. The last good checkpoint "
+            f"is kept in {manager.directory} (step {manager.latest_step()}).")
+    save_checkpoint(manager, state)
+
+
+def _summary(result: dict[str, Any], metric: str) -> str:
+    key = "AP" if metric == "coco" else "mAP"
+    value = result.get(key)
+    return f"{metric} {key} = {value:.4f}" if isinstance(value, float) else str(result)

@@ -1,0 +1,268 @@
+"""Training: configs, overfitting, 1 vs 8 devices, 1 vs 2 processes, exact resume, bad configs."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments.configs import default
+from ssd_jax import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The default config shrunk to seconds: few tiny synthetic images, a few steps."""
+    config = default.get_config()
+    config.dataset.num_train = 48
+    config.dataset.num_eval = 12
+    config.dataset.image_size = 128
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_train_steps = 6
+    config.warmup_steps = 2
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.eval_every_steps = 0
+    config.num_eval_images_to_draw = 2
+    return config
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(extra)
+    return env
+
+
+def _run_script(script: str, timeout: int = 600, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT,
+                          env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def _restore_params(workdir: str) -> dict[str, np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
+        restored = mngr.restore(mngr.latest_step())
+        step = mngr.latest_step()
+    flat = jax.tree_util.tree_leaves_with_path(restored["params"])
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}, step
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dataset.kind", "imagenet", "config.dataset.kind"),
+    ("batch_size", 10, "config.batch_size"),  # not divisible by 4 devices (below)
+    ("model.name", "resnet", "config.model.name"),
+    ("dtype", "float64", "config.dtype"),
+])
+def test_bad_config_is_a_clear_error(field, value, match):
+    config = tiny_config()
+    parent, _, leaf = field.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+    with pytest.raises(ValueError, match=match):
+        train_lib.validate_config(config, num_devices=4, num_processes=1)
+
+
+def test_missing_data_dir_fails_before_any_compile(tmp_path, monkeypatch):
+    config = importlib.import_module("experiments.configs.ssd300_voc").get_config()
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before the config was checked")
+
+    monkeypatch.setattr(train_lib, "make_steps", no_compile)
+    monkeypatch.setattr(train_lib, "create_train_state", no_compile)
+    with pytest.raises(ValueError, match="data_dir"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    config.dataset.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="nowhere"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_loss_falls_when_overfitting_a_fixed_batch():
+    from ssd_jax.data import pipeline
+
+    config = tiny_config()
+    config.learning_rate = 3e-3
+    config.warmup_steps = 0
+    config.schedule = "piecewise"
+    info = pipeline.get_dataset_info(config.dataset)
+    model = train_lib.create_model(config, info.num_classes)
+    tx = train_lib.create_optimizer(config)
+    steps = train_lib.make_steps(config, model, tx)
+    it = pipeline.create_train_iterator(config.dataset, image_size=model.prior_spec.image_size,
+                                        batch_size=8, max_boxes=config.max_boxes, seed=0)
+    batch = steps.global_batch(next(it), ("image", "boxes", "labels"))
+    state = jax.device_put(train_lib.create_train_state(config, model, tx), steps.replicated)
+    losses = []
+    for _ in range(40):
+        state, metrics = steps.train(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses))
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.5 * first, losses
+    # "steadily": the smoothed curve goes down over each quarter of the run
+    quarters = [np.mean(q) for q in np.array_split(np.array(losses), 4)]
+    assert all(b < a for a, b in zip(quarters, quarters[1:])), quarters
+
+
+def test_embedded_default_runs_end_to_end(tmp_path):
+    config = tiny_config()
+    state, metrics = train_lib.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == config.num_train_steps
+    assert 0.0 <= metrics["mAP"] <= 1.0
+    assert os.path.isdir(tmp_path / "checkpoints" / str(config.num_train_steps))
+    assert any(f.endswith(".png") for f in os.listdir(tmp_path / "samples"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def test_non_finite_loss_stops_with_the_step_named(tmp_path):
+    config = tiny_config()
+    config.learning_rate = 1e30
+    config.warmup_steps = 0
+    config.schedule = "piecewise"
+    config.optimizer = "sgd"
+    config.checkpoint_every_steps = 0
+    with pytest.raises(FloatingPointError, match=r"step"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- parallelism
+
+_ONE_VS_EIGHT = """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    from ssd_jax import train_lib
+    from ssd_jax.data import pipeline
+    from tests.test_train import tiny_config
+
+    assert jax.device_count() == 8
+    config = tiny_config()
+    info = pipeline.get_dataset_info(config.dataset)
+    model = train_lib.create_model(config, info.num_classes)
+    tx = train_lib.create_optimizer(config)
+    it = pipeline.create_train_iterator(config.dataset, image_size=model.prior_spec.image_size,
+                                        batch_size=8, max_boxes=config.max_boxes, seed=0)
+    local = [next(it) for _ in range(2)]
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        steps = train_lib.make_steps(config, model, tx, Mesh(np.array(devices), ("data",)))
+        state = jax.device_put(train_lib.create_train_state(config, model, tx), steps.replicated)
+        for b in local:
+            state, metrics = steps.train(state, steps.global_batch(b, ("image", "boxes", "labels")))
+        results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
+                        float(metrics["loss"])))
+    (p1, s1, l1), (p8, s8, l8) = results
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p8, s8))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    print("OK", l1, l8)
+"""
+
+
+def test_eight_devices_match_one_device():
+    assert "OK" in _run_script(_ONE_VS_EIGHT)
+
+
+_PROCESS = """
+    import sys, numpy as np, jax
+    from ssd_jax import distributed, train_lib
+    from tests.test_train import tiny_config
+    port, n, pid, workdir, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    if n > 1:
+        distributed.maybe_initialize(f"localhost:{port}", n, pid)
+    config = tiny_config()
+    config.num_train_steps = 4
+    config.checkpoint_every_steps = 0
+    state, metrics = train_lib.train_and_evaluate(config, workdir)
+    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
+    np.savez(out, *leaves, mAP=metrics["mAP"])
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    script = textwrap.dedent(_PROCESS)
+    port = _free_port()
+    env = _env()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(port), "2", str(i),
+                               str(tmp_path / "two"), str(tmp_path / f"p{i}.npz")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    single = subprocess.run([sys.executable, "-c", script, "0", "1", "0", str(tmp_path / "one"),
+                             str(tmp_path / "single.npz")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert single.returncode == 0, single.stderr[-5000:]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-5000:] for o in outs)
+    ref = np.load(tmp_path / "single.npz")
+    for i in range(2):
+        got = np.load(tmp_path / f"p{i}.npz")
+        for key in ref.files:
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# ----------------------------------------------------------------------------- resume
+
+_TRAIN_ARGS = ["--config.dataset.num_train=48", "--config.dataset.num_eval=8",
+               "--config.dataset.image_size=128", "--config.batch_size=8",
+               "--config.eval_batch_size=8", "--config.num_train_steps=10",
+               "--config.warmup_steps=2", "--config.log_every_steps=1",
+               "--config.checkpoint_every_steps=3", "--config.eval_every_steps=0",
+               "--config.num_eval_images_to_draw=0"]
+
+
+def _train_cmd(workdir) -> list[str]:
+    return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *_TRAIN_ARGS]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_train_cmd(full), cwd=ROOT, env=_env(), check=True, capture_output=True,
+                   timeout=600)
+    proc = subprocess.Popen(_train_cmd(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    ckpt = killed / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_dir() and any(d.isdigit() and int(d) >= 3 for d in os.listdir(ckpt)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(_train_cmd(killed), cwd=ROOT, env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert "resumed from checkpoint step" in resumed.stderr
+    a, step_a = _restore_params(str(full))
+    b, step_b = _restore_params(str(killed))
+    assert step_a == step_b == 10
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -22,6 +22,7 @@ collection: `model.apply(variables, x, train=True, mutable=["batch_stats"])`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -376,10 +377,16 @@ def build_model(name: str, num_classes: int, dtype: Dtype = jnp.float32) -> SSD:
     return MODELS[name](num_classes, dtype=dtype)
 
 
-def init_variables(model: SSD, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
-    """Initialized variables ({"params": ..., maybe "batch_stats": ...}) of `model`."""
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: SSD, rng: jax.Array, batch: int) -> dict[str, Any]:
     size = model.prior_spec.image_size
     return model.init(rng, jnp.zeros((batch, size, size, 3), jnp.float32), train=False)
+
+
+def init_variables(model: SSD, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
+    """Initialized variables ({"params": ..., maybe "batch_stats": ...}) of `model`, jitted
+    (compiled once per model configuration)."""
+    return _init(model, rng, batch)
 
 
 def flops_per_image(model: SSD) -> float:

@@ -1,0 +1,166 @@
+"""ssd_jax.models: shapes, prior counts, dtypes, spec checks, init, and layers against torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssd_jax import models
+from ssd_jax.priors import SSD300_TORCHVISION, SSD300_VOC, SSD512_VOC, generate_priors
+
+
+def _out_shapes(model: models.SSD, batch: int = 2):
+    size = model.prior_spec.image_size
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
+    (outs, variables) = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x), images)
+    return outs, variables
+
+
+@pytest.mark.parametrize(
+    "factory, num_priors",
+    [(lambda: models.ssd300_vgg16(21), 8732), (lambda: models.ssd512_vgg16(21), 24564),
+     (lambda: models.ssd300_vgg16(91, SSD300_TORCHVISION), 8732)],
+)
+def test_vgg_ssd_shapes_and_prior_counts(factory, num_priors):
+    model = factory()
+    (cls_logits, box_preds), variables = _out_shapes(model)
+    assert cls_logits.shape == (2, num_priors, model.num_classes)
+    assert box_preds.shape == (2, num_priors, 4)
+    assert cls_logits.dtype == box_preds.dtype == jnp.float32
+    assert generate_priors(model.prior_spec).shape == (num_priors, 4)
+    assert set(variables) == {"params"}  # VGG models have no batch_stats
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+
+
+def test_ssd300_param_count_matches_torchvision():
+    # torchvision's ssd300_vgg16(num_classes=91) has 35,641,826 parameters (its docs table).
+    _, variables = _out_shapes(models.ssd300_vgg16(91, SSD300_TORCHVISION), batch=1)
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables)) == 35_641_826
+
+
+@pytest.fixture(scope="module")
+def compact():
+    model = models.compact_ssd(6)
+    variables = models.init_variables(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    return model, variables, jnp.asarray(images)
+
+
+def test_compact_shapes_priors_and_batch_norm(compact):
+    model, variables, images = compact
+    assert model.prior_spec is models.COMPACT_PRIORS
+    assert model.prior_spec.image_size == model.image_size == 128
+    num_priors = generate_priors(model.prior_spec).shape[0]
+    cls_logits, box_preds = jax.jit(model.apply)(variables, images)
+    assert cls_logits.shape == (2, num_priors, 6) and box_preds.shape == (2, num_priors, 4)
+    assert cls_logits.dtype == jnp.float32
+    assert np.all(np.isfinite(cls_logits)) and np.all(np.isfinite(box_preds))
+    # train=True updates the batch statistics; eval uses the running averages.
+    (train_out, _), updates = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, images)
+    assert train_out.shape == cls_logits.shape
+    old = jax.tree.leaves(variables["batch_stats"])
+    new = jax.tree.leaves(updates["batch_stats"])
+    assert len(old) == len(new) > 0
+    assert any(not np.allclose(a, b) for a, b in zip(old, new, strict=True))
+
+
+def test_compact_smallest_prior_covers_small_objects():
+    spec = models.COMPACT_PRIORS
+    # objects down to ~5% of the image side need a prior near that size
+    assert spec.min_sizes[0] / spec.image_size <= 0.07
+    assert spec.max_sizes[-1] / spec.image_size >= 0.7
+
+
+def test_bfloat16_compute_gives_float32_outputs(compact):
+    model, variables, images = compact
+    bf16 = models.compact_ssd(6, dtype=jnp.bfloat16)
+    cls16, box16 = jax.jit(bf16.apply)(variables, images)
+    assert cls16.dtype == box16.dtype == jnp.float32
+    assert np.all(np.isfinite(cls16)) and np.all(np.isfinite(box16))
+    _, shapes16 = _out_shapes(bf16)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes16))
+    cls32, _ = jax.jit(model.apply)(variables, images)
+    rel = np.abs(np.asarray(cls16) - np.asarray(cls32)).max() / np.abs(np.asarray(cls32)).max()
+    assert rel < 0.1
+
+
+def test_spec_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="6 feature maps.*5 source maps"):
+        models.SSD(num_classes=3, prior_spec=SSD300_VOC, arch="compact")
+    wrong_size = dataclasses.replace(models.COMPACT_PRIORS, image_size=160)
+    with pytest.raises(ValueError, match=r"\(16, 8, 4, 2, 1\).*\(20, 10, 5, 3, 2\)"):
+        models.SSD(num_classes=3, prior_spec=wrong_size, arch="compact")
+    with pytest.raises(ValueError, match="7 feature maps.*6 source maps"):
+        models.ssd300_vgg16(21, prior_spec=SSD512_VOC)
+    model = models.compact_ssd(3)
+    with pytest.raises(ValueError, match="96x96 but prior_spec.image_size is 128"):
+        model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
+
+
+def test_build_model():
+    assert models.build_model("ssd300_vgg16", 21, jnp.float32).arch == "vgg16"
+    assert models.build_model("ssd512_vgg16", 21, jnp.bfloat16).dtype == jnp.bfloat16
+    assert models.build_model("compact", 6, jnp.float32).arch == "compact"
+    with pytest.raises(ValueError, match="ssd300_vgg16, ssd512_vgg16, compact"):
+        models.build_model("ssd300", 21, jnp.float32)
+
+
+def test_extras_and_heads_init_xavier_uniform_zero_bias():
+    extras = models.VGGExtras()
+    params = extras.init(jax.random.key(0), jnp.zeros((1, 19, 19, 1024)))["params"]
+    k = np.asarray(params["conv8_2"]["kernel"])  # [3,3,256,512]
+    limit = math.sqrt(6.0 / (9 * 256 + 9 * 512))
+    assert np.abs(k).max() <= limit and np.abs(k).max() > 0.95 * limit
+    assert np.std(k) == pytest.approx(limit / math.sqrt(3), rel=0.02)
+    assert all(np.all(np.asarray(p["bias"]) == 0) for p in params.values())
+
+
+def test_compact_head_init(compact):
+    _, variables, _ = compact
+    head = variables["params"]["cls_head_0"]
+    k = np.asarray(head["kernel"])
+    limit = math.sqrt(6.0 / (9 * k.shape[2] + 9 * k.shape[3]))
+    assert np.abs(k).max() <= limit
+    assert np.all(np.asarray(head["bias"]) == 0)
+
+
+# ---------------------------------------------------------------- layers against torch
+
+
+def test_l2norm_matches_torchvision():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 5, 16)).astype(np.float32)
+    x[0, 0, 0] = 0.0  # zero vector: eps path
+    layer = models.L2Norm()
+    params = layer.init(jax.random.key(0), x)
+    assert np.all(np.asarray(params["params"]["scale"]) == 20.0)
+    ours = np.asarray(layer.apply(params, x))
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    ref = 20.0 * torch.nn.functional.normalize(t, dim=1)
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [75, 38, 19])
+def test_pool3_ceil_mode_matches_torch(size):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(size).normal(size=(1, size, size, 4)).astype(np.float32)
+    ours = np.asarray(models._max_pool_ceil(jnp.asarray(x), 2, 2))
+    ref = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2, 2,
+                                         ceil_mode=True).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == ref.shape
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_expected_feature_map_sizes():
+    assert models.expected_feature_map_sizes("vgg16", 300) == SSD300_VOC.feature_map_sizes
+    assert models.expected_feature_map_sizes("vgg16_512", 512) == SSD512_VOC.feature_map_sizes
+    assert models.expected_feature_map_sizes("compact", 128) == (16, 8, 4, 2, 1)

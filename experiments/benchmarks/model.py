@@ -1,0 +1,178 @@
+"""Model suite: forward and train-step throughput of SSD300 and the compact model.
+
+The train step is value + grad + SGD momentum update with `match_batch` and `multibox_loss`
+inside the jitted step, on synthetic data already on the device. The peer is torchvision's
+ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and the train step
+`model(images, targets)` loss + backward + SGD. The compact model has no peer; its row notes
+its cost relative to SSD300 (forward+backward time per image).
+
+    python -m experiments.benchmark --suite model [--model-batch 8] [--dtype bf16] [--no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments.benchmarks.common import Row, time_jax, time_torch
+from ssd_jax import models
+from ssd_jax.loss import multibox_loss
+from ssd_jax.matching import match_batch
+from ssd_jax.priors import generate_priors
+
+MODEL_NAMES = ("ssd300_vgg16", "compact")
+NUM_CLASSES = 21
+MAX_BOXES = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-batch", type=int, default=None,
+                        help="model suite: images per step (default 2 on CPU, 32 on accelerators; "
+                             "1 with --quick)")
+    parser.add_argument("--model-names", default=",".join(MODEL_NAMES),
+                        help="model suite: comma-separated models to time")
+    if "--dtype" not in parser._option_string_actions:  # another suite may share the flag
+        parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                            help="compute dtype (params stay float32)")
+
+
+def _synthetic(batch: int, size: int, seed: int = 0):
+    """uint8 images [B,S,S,3], corner boxes [B,M,4] in [0,1], labels [B,M] (some padding)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    xy = rng.uniform(0.0, 0.6, (batch, MAX_BOXES, 2))
+    wh = rng.uniform(0.05, 0.4, (batch, MAX_BOXES, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + wh, 1.0)], axis=-1).astype(np.float32)
+    labels = rng.integers(1, NUM_CLASSES, (batch, MAX_BOXES)).astype(np.int32)
+    labels[:, MAX_BOXES // 2:] = 0  # half padding
+    return images, boxes, labels
+
+
+def _make_train_step(model: models.SSD, priors: np.ndarray, tx: optax.GradientTransformation):
+    priors = jnp.asarray(priors)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, batch_stats, opt_state, images, boxes, labels):
+        def loss_fn(p):
+            variables = {"params": p}
+            if batch_stats is not None:
+                variables["batch_stats"] = batch_stats
+                (cls, box), upd = model.apply(variables, images, train=True,
+                                              mutable=["batch_stats"])
+                new_stats = upd["batch_stats"]
+            else:
+                cls, box = model.apply(variables, images, train=True)
+                new_stats = None
+            cls_t, box_t = match_batch(boxes, labels, priors)
+            loss, _ = multibox_loss(cls, box, cls_t, box_t)
+            return loss, new_stats
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    return step
+
+
+def _time_ours(name: str, batch: int, dtype, timing: dict) -> tuple[float, float]:
+    """(forward, train step) seconds per call of our model `name`."""
+    model = models.build_model(name, NUM_CLASSES, dtype)
+    size = model.prior_spec.image_size
+    variables = models.init_variables(model, jax.random.key(0))
+    images, boxes, labels = (jax.device_put(a) for a in _synthetic(batch, size))
+
+    fwd = jax.jit(lambda v, x: model.apply(v, x))
+    t_fwd = time_jax(lambda: fwd(variables, images), **timing)
+
+    tx = optax.sgd(1e-3, momentum=0.9)
+    step = _make_train_step(model, generate_priors(model.prior_spec), tx)
+    state = [variables["params"], variables.get("batch_stats"), tx.init(variables["params"])]
+
+    def run_step():
+        state[0], state[1], state[2], loss = step(*state, images, boxes, labels)
+        return loss
+
+    t_step = time_jax(run_step, **timing)
+    return t_fwd, t_step
+
+
+def _time_torchvision(batch: int, bf16: bool, timing: dict) -> tuple[float, float]:
+    """(forward, train step) seconds per call of torchvision's ssd300_vgg16."""
+    import torch
+    import torchvision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = torchvision.models.detection.ssd300_vgg16(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device)
+    images_np, boxes_np, labels_np = _synthetic(batch, 300)
+    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).float().div(255).to(device)
+    image_list = list(images)
+    targets = []
+    for b, lab in zip(boxes_np, labels_np, strict=True):
+        keep = lab > 0
+        targets.append({"boxes": torch.from_numpy(b[keep] * 300).to(device),
+                        "labels": torch.from_numpy(lab[keep]).long().to(device)})
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+
+    model.eval()
+    normalized = torch.stack([model.transform.normalize(im) for im in image_list])
+
+    def forward():
+        with torch.no_grad(), autocast:
+            return model.head(list(model.backbone(normalized).values()))
+
+    t_fwd = time_torch(forward, **timing)
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            losses = model(image_list, targets)
+        loss = sum(losses.values())
+        loss.backward()
+        opt.step()
+        return loss
+
+    t_step = time_torch(train_step, **timing)
+    return t_fwd, t_step
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    quick = getattr(args, "quick", False)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    batch = getattr(args, "model_batch", None) or (1 if quick else (2 if on_cpu else 32))
+    dtype_name = getattr(args, "dtype", "fp32")
+    dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+    names = [n for n in getattr(args, "model_names", ",".join(MODEL_NAMES)).split(",") if n]
+    timing = (dict(warmup=1, min_time=0.2, min_iters=1) if quick
+              else dict(warmup=2, min_time=2.0, min_iters=3))
+    tag = f"b={batch} {dtype_name}"
+
+    ours = {name: _time_ours(name, batch, dtype, timing) for name in names}
+    peer = (None, None)
+    if not getattr(args, "no_peer", False) and "ssd300_vgg16" in names:
+        try:
+            peer = _time_torchvision(batch, dtype_name == "bf16", timing)
+        except ImportError as e:
+            print(f"(torchvision peer skipped: {e})")
+
+    rows = []
+    for name, (t_fwd, t_step) in ours.items():
+        is_ssd300 = name == "ssd300_vgg16"
+        note = ""
+        if not is_ssd300 and "ssd300_vgg16" in ours:
+            ratio = ours["ssd300_vgg16"][1] / t_step
+            note = f"train step {ratio:.0f}x cheaper per image than SSD300"
+        rows.append(Row(f"model/forward {name} {tag}", batch / t_fwd,
+                        batch / peer[0] if is_ssd300 and peer[0] else None))
+        rows.append(Row(f"model/train_step {name} {tag}", batch / t_step,
+                        batch / peer[1] if is_ssd300 and peer[1] else None, note=note))
+    return rows

@@ -20,7 +20,7 @@ Determinism and resume. The training stream is a function of (seed, step):
   `shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()`, which is deterministic
   for a seed; `start_step=k` skips k * batch_size records *before* images are decoded (images stay
   encoded until after the skip, so skipping costs reading, not decoding), and the augmentation
-  seed is (seed, process_index, position in the stream). Each host reads
+  seed is fold_in((seed, process_index), position in the stream). Each host reads
   `tfds.even_splits(split, process_count)[process_index]`.
 
 Bad input: annotation problems are repaired when the source is built (see sources.py). At run
@@ -113,6 +113,15 @@ def get_dataset_info(dataset_cfg: Any) -> DatasetInfo:
 # ------------------------------------------------------------------------------------------
 # decoding
 
+# Per-example counters carried through tf.data as int32 fields "stat_<name>" and summed into
+# get_stats() on the host (they never reach the caller's batches).
+STAT_NAMES = ("images_skipped_undecodable", "images_converted_to_rgb", "boxes_clipped",
+              "boxes_degenerate_dropped", "boxes_truncated")
+
+
+def _stats(**values: Any) -> dict[str, tf.Tensor]:
+    return {f"stat_{k}": tf.cast(values.get(k, 0), tf.int32) for k in STAT_NAMES}
+
 
 def decode_image(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Encoded JPEG/PNG/GIF/BMP/WebP -> (uint8 [H,W,3] RGB, bool: converted from another layout).
@@ -143,7 +152,7 @@ class _TableTF:
             [str(p) for p in table.paths], tf.string)
 
     def load(self, idx: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Example `idx` in the source contract, plus `converted` (bool)."""
+        """Example `idx` in the source contract, plus stat_* fields."""
         if self.images is not None:
             image, converted = tf.gather(self.images, idx), tf.constant(False)
         else:
@@ -151,7 +160,23 @@ class _TableTF:
         s, e = self.row_splits[idx], self.row_splits[idx + 1]
         return {"image": image, "boxes": self.boxes[s:e], "labels": self.labels[s:e],
                 "difficult": self.difficult[s:e], "iscrowd": self.iscrowd[s:e],
-                "image_id": self.image_id[idx], "converted": converted}
+                "image_id": self.image_id[idx], **_stats(images_converted_to_rgb=converted)}
+
+
+def _decode_tfds(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image, converted = decode_image(ex["encoded"])
+    out = {k: v for k, v in ex.items() if k != "encoded"}
+    out["image"] = image
+    out["stat_images_converted_to_rgb"] = tf.cast(converted, tf.int32)
+    return {**_stats(), **out}
+
+
+def _blank_example(**fields: tf.Tensor) -> dict[str, tf.Tensor]:
+    """A grey 8x8 image without objects: stands in for an undecodable one."""
+    return {"image": tf.fill([8, 8, 3], tf.constant(128, tf.uint8)),
+            "boxes": tf.zeros([0, 4]), "labels": tf.zeros([0], tf.int32),
+            "difficult": tf.zeros([0], tf.bool), "iscrowd": tf.zeros([0], tf.bool),
+            "image_id": tf.constant(-1, tf.int64), **fields}
 
 
 def _pad(x: tf.Tensor, m: int) -> tf.Tensor:
@@ -169,6 +194,10 @@ def _options() -> tf.data.Options:
     return options
 
 
+def _pop_stats(batch: dict[str, np.ndarray]) -> dict[str, int]:
+    return {k[5:]: int(batch.pop(k).sum()) for k in list(batch) if k.startswith("stat_")}
+
+
 # ------------------------------------------------------------------------------------------
 # training
 
@@ -182,22 +211,25 @@ def create_train_iterator(
     Yields {"image": uint8 [b,S,S,3], "boxes": float32 [b,M,4] normalized corners,
     "labels": int32 [b,M] (0 = padding)}, b = batch_size (per host), S = image_size,
     M = max_boxes. The batch at step k is a function of (seed, k); start_step=k resumes exactly.
+    The returned iterator's `.stats` counts what this stream repaired (see get_stats()).
     """
     ds = make_train_dataset(dataset_cfg, image_size=image_size, batch_size=batch_size,
                             max_boxes=max_boxes, seed=seed, start_step=start_step,
                             process_index=process_index, process_count=process_count)
-    return _StatsIterator(ds, ("attempts", "converted", "truncated"))
+    return _StatsIterator(ds)
 
 
 def make_train_dataset(
     dataset_cfg: Any, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
     start_step: int = 0, process_index: int = 0, process_count: int = 1,
 ) -> tf.data.Dataset:
-    """The tf.data.Dataset behind `create_train_iterator` (batches carry extra stats fields:
-    attempts int32 [b] (undecodable images skipped), converted bool [b], truncated int32 [b])."""
+    """The tf.data.Dataset behind `create_train_iterator`; its batches also carry int32 [b]
+    `stat_<name>` counters (STAT_NAMES)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
                          f"{process_count}")
+    if batch_size < 1 or max_boxes < 1 or image_size < 1:
+        raise ValueError("batch_size, max_boxes and image_size must be positive")
     src = _source(dataset_cfg, "train")
     b, size = int(batch_size), int(image_size)
     if isinstance(src, sources.TfdsSource):
@@ -210,24 +242,27 @@ def make_train_dataset(
         image, boxes, labels = augment.train_augment(ex["image"], ex["boxes"], ex["labels"],
                                                      ex["seed"], size=size)
         n = tf.shape(boxes)[0]
-        return {"image": image, "boxes": _pad(boxes, max_boxes), "labels": _pad(labels, max_boxes),
-                "attempts": ex["attempts"], "converted": ex["converted"],
-                "truncated": tf.maximum(n - max_boxes, 0)}
+        out = {"image": image, "boxes": _pad(boxes, max_boxes),
+               "labels": _pad(labels, max_boxes)}
+        out.update({k: v for k, v in ex.items() if k.startswith("stat_")})
+        out["stat_boxes_truncated"] = tf.maximum(n - max_boxes, 0)
+        return out
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True).prefetch(AUTOTUNE)
     return ds.with_options(_options())
 
 
+def _train_fields(ex: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    keep = ("image", "boxes", "labels")
+    return {**{k: ex[k] for k in keep}, "seed": seed,
+            **{k: ex[k] for k in ex if k.startswith("stat_")}}
+
+
 def _table_train_examples(table: sources.Table, b: int, seed: int, start_step: int,
                           process_index: int, process_count: int) -> tf.data.Dataset:
     t = _TableTF(table)
     n = t.n
-    blank = {"image": tf.fill([8, 8, 3], tf.constant(128, tf.uint8)),
-             "boxes": tf.zeros([0, 4]), "labels": tf.zeros([0], tf.int32),
-             "difficult": tf.zeros([0], tf.bool), "iscrowd": tf.zeros([0], tf.bool),
-             "image_id": tf.constant(-1, tf.int64), "converted": tf.constant(False),
-             "attempts": tf.constant(_FALLBACK_TRIES, tf.int32)}
 
     def candidates(local):
         step, j = local // b, local % b
@@ -240,15 +275,19 @@ def _table_train_examples(table: sources.Table, b: int, seed: int, start_step: i
         return g, order
 
     def load_first(g, order):
+        """The first decodable image of `order` (else a blank), as one element."""
+        seed_g = tf.stack([tf.constant(seed, tf.int64), g])
+
         def load(idx, attempt):
             ex = t.load(idx)
-            ex["attempts"] = tf.cast(attempt, tf.int32)
-            return ex
+            ex["stat_images_skipped_undecodable"] = tf.cast(attempt, tf.int32)
+            return _train_fields(ex, seed_g)
 
+        blank = _train_fields(
+            _blank_example(**_stats(images_skipped_undecodable=_FALLBACK_TRIES)), seed_g)
         tries = tf.data.Dataset.from_tensor_slices((order, tf.range(_FALLBACK_TRIES)))
         ds = tries.map(load).ignore_errors().concatenate(tf.data.Dataset.from_tensors(blank))
-        seed_g = tf.stack([tf.constant(seed, tf.int64), g])
-        return ds.take(1).map(lambda ex: {**ex, "seed": seed_g})
+        return ds.take(1)
 
     ds = tf.data.Dataset.range(start_step * b, 2**62).map(candidates)
     return ds.interleave(load_first, cycle_length=4, block_length=1, num_parallel_calls=AUTOTUNE,
@@ -264,22 +303,27 @@ def _tfds_train_examples(cfg: Any, src: sources.TfdsSource, b: int, seed: int, s
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.enumerate().skip(start_step * b)
 
-    def decode(i, ex):
-        image, converted = decode_image(ex["encoded"])
-        seed_i = tf.stack([tf.constant(seed, tf.int64), tf.constant(process_index, tf.int64), i])
-        return {"image": image, "boxes": ex["boxes"], "labels": ex["labels"], "seed": seed_i,
-                "converted": converted, "attempts": tf.constant(0, tf.int32)}
+    def decode_one(i, ex):
+        """Decoded example, or a blank if the image does not decode: one element either way,
+        so positions (and resume) never shift."""
+        seed_i = tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, process_index], tf.int64), i)
+        blank = _blank_example(**{**{k: v for k, v in ex.items() if k.startswith("stat_")},
+                                  **_stats(images_skipped_undecodable=1)})
+        one = tf.data.Dataset.from_tensors(ex).map(_decode_tfds).ignore_errors()
+        one = one.concatenate(tf.data.Dataset.from_tensors({**_stats(), **blank}))
+        return one.take(1).map(lambda e: _train_fields(e, seed_i))
 
-    return ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+    return ds.interleave(decode_one, cycle_length=4, block_length=1, num_parallel_calls=AUTOTUNE,
+                         deterministic=True)
 
 
 class _StatsIterator:
-    """Iterates a batched dataset as numpy dicts, moving stats fields into `get_stats()`."""
+    """Iterates a batched dataset as numpy dicts, moving stat_* fields into `get_stats()`."""
 
-    def __init__(self, ds: tf.data.Dataset, stat_keys: tuple[str, ...]):
+    def __init__(self, ds: tf.data.Dataset):
         self.dataset = ds
         self._it = ds.as_numpy_iterator()
-        self._keys = stat_keys
         self.stats: Counter = Counter()
 
     def __iter__(self) -> _StatsIterator:
@@ -287,11 +331,7 @@ class _StatsIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._it)
-        counts = {
-            "images_skipped_undecodable": int(batch.pop("attempts").sum()),
-            "images_converted_to_rgb": int(batch.pop("converted").sum()),
-            "boxes_truncated": int(batch.pop("truncated").sum()),
-        }
+        counts = _pop_stats(batch)
         self.stats.update({k: v for k, v in counts.items() if v})
         _count(counts)
         return batch
@@ -307,7 +347,8 @@ class EvalIterator:
     Batches: {"image": uint8 [b,S,S,3], "boxes": float32 [b,M,4], "labels": int32 [b,M],
     "difficult", "iscrowd": bool [b,M], "image_size": int32 [b,2] (original height, width),
     "image_id": int64 [b], "mask": bool [b] (False for padding)}. Every host yields the same
-    number of batches (`len(self)`); each readable image appears exactly once over all hosts.
+    number of batches (`len(self)`); each decodable image appears exactly once over all hosts,
+    undecodable ones are skipped and counted.
     """
 
     def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int):
@@ -320,17 +361,11 @@ class EvalIterator:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        seen = 0
         for batch in self.dataset.as_numpy_iterator():
-            seen += int(batch["mask"].sum())
-            counts = {"images_converted_to_rgb": int(batch.pop("converted").sum()),
-                      "boxes_truncated": int(batch.pop("truncated").sum())}
-            self.stats.update(counts)
+            counts = _pop_stats(batch)
+            self.stats.update({k: v for k, v in counts.items() if v})
             _count(counts)
             yield batch
-        skipped = {"images_skipped_undecodable": self.num_examples - seen}
-        self.stats.update(skipped)
-        _count(skipped)
 
 
 def create_eval_iterator(
@@ -345,16 +380,11 @@ def create_eval_iterator(
     b, size, m = int(batch_size), int(image_size), int(max_boxes)
     if isinstance(src, sources.TfdsSource):
         split = sources._get(dataset_cfg, "eval_split", "test")
-        total = src.num_examples(split)
+        total = src.num_examples(split, count=True)
         examples = src.dataset(split, process_index=process_index, process_count=process_count,
                                keep_crowd=True)
-        local = src.num_examples(
-            _host_split(split, process_index, process_count))
-
-        def load(ex):
-            image, converted = decode_image(ex["encoded"])
-            return {**{k: v for k, v in ex.items() if k != "encoded"}, "image": image,
-                    "converted": converted}
+        local = src.num_examples(_host_split(split, process_index, process_count), count=True)
+        load = _decode_tfds
     else:
         t = _TableTF(src)
         total = len(src)
@@ -366,21 +396,29 @@ def create_eval_iterator(
     def prepare(ex):
         shape = tf.shape(ex["image"])
         n = tf.shape(ex["boxes"])[0]
-        return {"image": augment.eval_resize(ex["image"], size),
-                "boxes": _pad(ex["boxes"], m), "labels": _pad(ex["labels"], m),
-                "difficult": _pad(ex["difficult"], m), "iscrowd": _pad(ex["iscrowd"], m),
-                "image_size": tf.cast(shape[:2], tf.int32), "image_id": ex["image_id"],
-                "mask": tf.constant(True), "converted": ex["converted"],
-                "truncated": tf.maximum(n - m, 0)}
+        out = {"image": augment.eval_resize(ex["image"], size),
+               "boxes": _pad(ex["boxes"], m), "labels": _pad(ex["labels"], m),
+               "difficult": _pad(ex["difficult"], m), "iscrowd": _pad(ex["iscrowd"], m),
+               "image_size": tf.cast(shape[:2], tf.int32), "image_id": ex["image_id"],
+               "mask": tf.constant(True)}
+        out.update({k: v for k, v in ex.items() if k.startswith("stat_")})
+        out["stat_boxes_truncated"] = tf.maximum(n - m, 0)
+        return out
+
+    def load_or_skip(x):
+        """One prepared example, or a masked padding one (counted) if the image is undecodable."""
+        one = tf.data.Dataset.from_tensors(x).map(lambda x: prepare(load(x))).ignore_errors()
+        return one.concatenate(tf.data.Dataset.from_tensors(
+            {**pad, "stat_images_skipped_undecodable": tf.constant(1)})).take(1)
 
     pad = {"image": tf.zeros([size, size, 3], tf.uint8), "boxes": tf.zeros([m, 4]),
            "labels": tf.zeros([m], tf.int32), "difficult": tf.zeros([m], tf.bool),
            "iscrowd": tf.zeros([m], tf.bool), "image_size": tf.zeros([2], tf.int32),
-           "image_id": tf.constant(-1, tf.int64), "mask": tf.constant(False),
-           "converted": tf.constant(False), "truncated": tf.constant(0, tf.int32)}
+           "image_id": tf.constant(-1, tf.int64), "mask": tf.constant(False), **_stats()}
     num_batches = math.ceil(math.ceil(total / process_count) / b)
-    ds = examples.map(lambda x: prepare(load(x)), num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    ds = examples.interleave(load_or_skip, cycle_length=4, block_length=1,
+                             num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * b).batch(b, drop_remainder=True).prefetch(AUTOTUNE)
     return EvalIterator(ds.with_options(_options()), num_batches, local)
 

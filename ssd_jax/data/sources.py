@@ -354,12 +354,27 @@ class TfdsSource:
     class_names: tuple[str, ...]
     builders: tuple[Any, ...]
 
-    def num_examples(self, split: str) -> int:
-        return sum(int(b.info.splits[split].num_examples) for b in self.builders)
+    def num_examples(self, split: str, *, count: bool = False) -> int | None:
+        """Examples in `split` (TFDS split syntax) over all datasets; from the metadata, else
+        (count=True) by reading the records, else None."""
+        try:
+            return sum(int(b.info.splits[split].num_examples) for b in self.builders)
+        except (KeyError, ValueError):
+            if not count:
+                return None
+        import tensorflow_datasets as tfds
+
+        total = 0
+        for b in self.builders:
+            ds = b.as_dataset(split=split, decoders=tfds.decode.PartialDecoding(
+                {"image/filename": True}))
+            total += int(ds.reduce(0, lambda n, _: n + 1))
+        return total
 
     def dataset(self, split: str, *, process_index: int = 0, process_count: int = 1,
                 keep_crowd: bool, use_difficult: bool = True) -> tf.data.Dataset:
-        """Examples with `image` still encoded (string) in `encoded`; boxes in our contract."""
+        """Examples with `image` still encoded (string) in `encoded`; boxes in our contract,
+        clipped to [0,1], degenerate ones dropped (counted in `stat_*` fields)."""
         import tensorflow_datasets as tfds
 
         parts = []
@@ -382,7 +397,13 @@ def _standardize_tfds(ex: dict, keep_crowd: bool, use_difficult: bool) -> dict:
     labels = tf.cast(objects["label"], tf.int32) + 1
     difficult = tf.cast(objects.get("is_difficult", tf.zeros([n], tf.bool)), tf.bool)
     iscrowd = tf.cast(objects.get("is_crowd", tf.zeros([n], tf.bool)), tf.bool)
-    keep = tf.ones([n], tf.bool)
+    clipped = tf.clip_by_value(boxes, 0.0, 1.0)
+    finite = tf.reduce_all(tf.math.is_finite(boxes), axis=1)
+    keep = finite & (clipped[:, 2] - clipped[:, 0] > _MIN_BOX_SIDE) & (
+        clipped[:, 3] - clipped[:, 1] > _MIN_BOX_SIDE)
+    n_clipped = tf.reduce_sum(tf.cast(keep & tf.reduce_any(clipped != boxes, axis=1), tf.int32))
+    n_dropped = n - tf.reduce_sum(tf.cast(keep, tf.int32))
+    boxes = clipped
     if not keep_crowd:
         keep &= ~iscrowd
     if not use_difficult:
@@ -390,12 +411,17 @@ def _standardize_tfds(ex: dict, keep_crowd: bool, use_difficult: bool) -> dict:
     if "image/id" in ex:
         image_id = tf.cast(ex["image/id"], tf.int64)
     else:  # VOC: digits of the file name (2008_000123.jpg -> 2008000123)
-        digits = tf.strings.regex_replace(tf.strings.split(ex["image/filename"], ".")[0], r"\D", "")
-        image_id = tf.strings.to_number(tf.strings.substr(digits, 0, 17), tf.int64)
+        fname = ex["image/filename"]
+        digits = tf.strings.substr(tf.strings.regex_replace(
+            tf.strings.regex_replace(fname, r"\.[^.]*$", ""), r"\D", ""), 0, 17)
+        image_id = tf.cond(tf.strings.length(digits) > 0,
+                           lambda: tf.strings.to_number(digits, tf.int64),
+                           lambda: tf.strings.to_hash_bucket_fast(fname, 2**53))
     return {
         "encoded": ex["image"], "image_id": image_id,
         "boxes": tf.boolean_mask(boxes, keep), "labels": tf.boolean_mask(labels, keep),
         "difficult": tf.boolean_mask(difficult, keep), "iscrowd": tf.boolean_mask(iscrowd, keep),
+        "stat_boxes_clipped": n_clipped, "stat_boxes_degenerate_dropped": n_dropped,
     }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -172,13 +173,15 @@ def synthetic_table(cfg: Any, split: str) -> Table:
     cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}.npz") if cache_dir else ""
     if cache and tf.io.gfile.exists(cache):
         with tf.io.gfile.GFile(cache, "rb") as f:
-            data = dict(np.load(f))
+            data = dict(np.load(io.BytesIO(f.read())))
     if data is None:
         data = synthetic.generate_split(seed, syn_split, n, image_size=size)
         if cache:
             tf.io.gfile.makedirs(cache_dir)
+            buf = io.BytesIO()
+            np.savez(buf, **data)
             with tf.io.gfile.GFile(cache, "wb") as f:
-                np.savez(f, **data)
+                f.write(buf.getvalue())
     names = tuple(synthetic.CLASS_NAMES)
     builder = _TableBuilder(keep_crowd=True)
     for i in range(n):

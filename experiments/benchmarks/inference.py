@@ -1,0 +1,152 @@
+"""Suite `inference`: end-to-end SSD300 inference, images -> final fixed-size detections.
+
+Ours: one jitted function of uint8 images already on the device: the network (model.apply),
+decode, per-class NMS and the final top 200 (`postprocess.detect` with torchvision's settings:
+score > 0.01, top 400 per class, NMS 0.45, 200 per image). The peer: torchvision's ssd300_vgg16
+in eval mode, `model(images)` end to end (its transform normalizes and resizes, which is the
+identity at 300x300, then backbone, head and `postprocess_detections`), on [0,1] float images
+already on its device.
+
+Both nets compute the same function: a seeded torchvision model whose classification head is
+scaled so that background dominates (outputs shaped like a trained model's: a few hundred
+candidates per image, a few dozen final detections, not the dense worst case of random logits)
+is converted with `convert.from_torchvision_ssd`. bf16 runs our compute in bfloat16 (params and
+outputs float32) and the peer under `torch.autocast(bfloat16)`.
+
+    python -m experiments.benchmark --suite inference [--inference-batches 1,32,64]
+        [--inference-dtypes fp32,bf16] [--quick] [--no-peer]
+
+Imports only jax/numpy/ssd_jax's core at module level (torch lazily, for the weights and peer);
+without torch the suite times ours on a randomly initialized SSD300 of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks.common import Row, time_jax, time_torch
+from ssd_jax import models, postprocess, priors
+
+NUM_CLASSES = 91  # torchvision's COCO head
+DETECT = {"score_threshold": 0.01, "pre_nms_top_k": 400, "iou_threshold": 0.45,
+          "max_detections": 200}
+HEAD_SCALE, BACKGROUND_BIAS = 0.3, 12.0  # trained-like class head (background dominates)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--inference-batches", default="1,32,64",
+                        help="inference suite: comma-separated batch sizes (--quick: 1)")
+    parser.add_argument("--inference-dtypes", default="fp32,bf16",
+                        help="inference suite: comma-separated compute dtypes, fp32 and/or bf16 "
+                             "(--quick: fp32)")
+
+
+def torchvision_model(seed: int = 0) -> Any:
+    """Seeded torchvision ssd300_vgg16 (eval mode) with a background-dominant class head."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
+                                                      num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        for conv in model.head.classification_head.module_list:
+            conv.weight.mul_(HEAD_SCALE)
+            conv.bias.view(-1, NUM_CLASSES)[:, 0] += BACKGROUND_BIAS
+    return model.eval()
+
+
+def our_model(state_dict: Any | None, dtype: Any) -> tuple[models.SSD, Any]:
+    """Our SSD300 with the converted torchvision weights (or random ones without torch)."""
+    if state_dict is not None:
+        from ssd_jax import convert
+
+        return convert.from_torchvision_ssd(state_dict, dtype=dtype)
+    model = models.ssd300_vgg16(NUM_CLASSES, prior_spec=priors.SSD300_TORCHVISION, dtype=dtype,
+                                image_mean=models.TORCHVISION_MEAN)
+    return model, models.init_variables(model, jax.random.key(0))
+
+
+def make_inference_fn(model: models.SSD) -> Any:
+    """jit(variables, uint8 images [B,300,300,3]) -> postprocess.Detections (fixed size)."""
+    prior_boxes = priors.generate_priors(model.prior_spec)
+
+    @jax.jit
+    def infer(variables, images):
+        cls_logits, box_preds = model.apply(variables, images)
+        return postprocess.detect(cls_logits, box_preds, prior_boxes, **DETECT)
+
+    return infer
+
+
+def images_batch(batch: int, seed: int = 0) -> np.ndarray:
+    """uint8 [B,300,300,3]: smooth random blobs (photo-like low frequencies) plus noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (batch, 10, 10, 3))
+    smooth = np.repeat(np.repeat(coarse, 30, axis=1), 30, axis=2)
+    return np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def _time_peer(tv_model: Any, images: np.ndarray, bf16: bool, timing: dict) -> tuple[float, float]:
+    """(seconds per call, detections per image) of torchvision's eval-mode model(images)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tv_model.to(device)
+    x = list(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0).to(device))
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+
+    def fn():
+        with torch.no_grad(), autocast:
+            return model(x)
+
+    dets = fn()
+    per_image = float(np.mean([len(d["scores"]) for d in dets]))
+    return time_torch(fn, **timing), per_image
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    quick = getattr(args, "quick", False)
+    batches = [int(b) for b in getattr(args, "inference_batches", "1,32,64").split(",") if b]
+    dtypes = [d for d in getattr(args, "inference_dtypes", "fp32,bf16").split(",") if d]
+    if quick:
+        batches = [1]
+        dtypes = dtypes[:1] if args.inference_dtypes == "fp32,bf16" else dtypes
+    for d in dtypes:
+        if d not in ("fp32", "bf16"):
+            raise SystemExit(f"--inference-dtypes: {d!r} is not fp32 or bf16")
+    timing = (dict(warmup=1, min_time=0.0, min_iters=1) if quick
+              else dict(warmup=2, min_time=2.0, min_iters=3))
+    want_peer = not getattr(args, "no_peer", False)
+
+    tv_model, state_dict = None, None
+    try:
+        tv_model = torchvision_model()
+        state_dict = tv_model.state_dict()
+    except ImportError as e:
+        print(f"(inference: torch/torchvision unavailable ({e}); ours only, random weights)")
+
+    rows = []
+    for dtype_name in dtypes:
+        dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+        model, variables = our_model(state_dict, dtype)
+        variables = jax.device_put(variables)
+        infer = make_inference_fn(model)
+        for batch in batches:
+            host = images_batch(batch)
+            images = jax.device_put(host)
+            dets = jax.device_get(infer(variables, images))
+            sec = time_jax(lambda f=infer, v=variables, x=images: f(v, x), **timing)
+            peer, note = None, f"{np.mean(dets.num_detections):.0f} dets/img"
+            if want_peer and tv_model is not None:
+                peer_sec, peer_dets = _time_peer(tv_model, host, dtype_name == "bf16", timing)
+                peer = batch / peer_sec
+                note += f" (torchvision {peer_dets:.0f})"
+            rows.append(Row(f"inference e2e SSD300 {NUM_CLASSES} cls {dtype_name} batch {batch}",
+                            batch / sec, peer, note=note))
+    return rows

@@ -210,6 +210,7 @@ class ConvBN(nn.Module):
     stride: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -218,6 +219,7 @@ class ConvBN(nn.Module):
                     padding=_pad(p), use_bias=False, dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=kaiming_fan_out, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         axis_name=self.axis_name if train else None,
                          dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x)
         return nn.relu(x)
 
@@ -234,10 +236,11 @@ class CompactBackbone(nn.Module):
     num_extras: int = 3
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> list[jnp.ndarray]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.axis_name)
         outs = []
         for i, w in enumerate(self.widths):
             x = ConvBN(w, 3, 2, name=f"stage{i + 1}_down", **kw)(x, train)
@@ -262,6 +265,8 @@ class SSD(nn.Module):
       dtype: compute dtype; params stay `param_dtype` (float32) and the outputs float32.
       image_mean: RGB mean in [0,255] units subtracted inside the model.
       width_mult: "compact" only: multiplies every backbone width (1.0 -> 24, 48, 96, 192).
+      bn_axis_name: "compact" only: with train=True, BatchNorm averages its batch statistics
+        over this named axis (synchronized BN inside shard_map/pmap over "data"); None: local.
     """
 
     num_classes: int
@@ -271,6 +276,7 @@ class SSD(nn.Module):
     param_dtype: Dtype = jnp.float32
     image_mean: tuple[float, float, float] = CAFFE_MEAN
     width_mult: float = 1.0
+    bn_axis_name: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -325,7 +331,7 @@ class SSD(nn.Module):
             sources = CompactBackbone(
                 widths=tuple(max(8, round(w * m)) for w in CompactBackbone.widths),
                 extra_width=max(8, round(CompactBackbone.extra_width * m)),
-                name="backbone", **kw)(x, train)
+                axis_name=self.bn_axis_name, name="backbone", **kw)(x, train)
 
         bpl = self.prior_spec.boxes_per_location
         cls_out, box_out = [], []

@@ -72,6 +72,23 @@ def test_compact_shapes_priors_and_batch_norm(compact):
     assert any(not np.allclose(a, b) for a, b in zip(old, new, strict=True))
 
 
+def test_compact_synced_batch_norm_equals_global_batch(compact):
+    # Two shards of one image with BN stats averaged over "data" == one batch of two images.
+    model, variables, images = compact
+    synced = model.clone(bn_axis_name="data")
+
+    def train_apply(m, x):
+        return m.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    (cls_g, _), stats_g = jax.jit(lambda x: train_apply(model, x))(images)
+    (cls_s, _), stats_s = jax.jit(jax.vmap(lambda x: train_apply(synced, x), axis_name="data"))(
+        images[:, None])
+    np.testing.assert_allclose(cls_s[:, 0], cls_g, rtol=1e-4, atol=1e-4)
+    for g, s in zip(jax.tree.leaves(stats_g), jax.tree.leaves(stats_s), strict=True):
+        np.testing.assert_allclose(s[0], g, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(s[1], g, rtol=1e-4, atol=1e-5)
+
+
 def test_compact_smallest_prior_covers_small_objects():
     spec = models.COMPACT_PRIORS
     # objects down to ~5% of the image side need a prior near that size

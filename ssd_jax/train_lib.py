@@ -111,16 +111,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 # ----------------------------------------------------------------------------- model, optimizer
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.SSD:
-    """The SSD of `config.model.name` with `num_classes` (incl. background) in `config.dtype`."""
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 axis_name: str | None = "data") -> models.SSD:
+    """The SSD of `config.model.name` with `num_classes` (incl. background) in `config.dtype`.
+
+    BatchNorm layers (if any) reduce their batch statistics over `axis_name`: the data axis in
+    the shard_mapped train step, None for plain inference outside it.
+    """
     model = models.build_model(config.model.name, num_classes, DTYPES[config.dtype])
-    if _has_batchnorm(model):
-        model = model.clone(bn_axis_name="data")
-    return model
-
-
-def _has_batchnorm(model: models.SSD) -> bool:
-    return model.arch == "compact"
+    return model.clone(bn_axis_name=axis_name)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -307,42 +306,80 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
     manager.wait_until_finished()
 
 
+RUN_INFO = "run_info.json"
+
+
+def save_run_info(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
+                  class_names: tuple[str, ...]) -> None:
+    """WORKDIR/run_info.json: the config and class names, so predict/evaluate rebuild the model."""
+    import json
+
+    if jax.process_index() != 0:
+        return
+    info = {"config": json.loads(config.to_json_best_effort()), "num_classes": num_classes,
+            "class_names": list(class_names)}
+    tmp = os.path.join(workdir, RUN_INFO + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, RUN_INFO))
+
+
+def load_for_inference(workdir: str, step: int | None = None
+                       ) -> tuple[models.SSD, dict[str, Any], ml_collections.ConfigDict,
+                                  tuple[str, ...]]:
+    """(model, variables, config, class_names) of a training run's checkpoint (latest or `step`).
+
+    variables = {"params": ..., ["batch_stats": ...]} as host numpy arrays, ready for
+    `model.apply(variables, images)`. Raises FileNotFoundError naming what is missing.
+    """
+    import json
+
+    path = os.path.join(workdir, RUN_INFO)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir of "
+                                "ssd_jax (expected run_info.json and checkpoints/)")
+    with open(path) as f:
+        info = json.load(f)
+    config = ml_collections.ConfigDict(info["config"])
+    model = create_model(config, int(info["num_classes"]), axis_name=None)
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    with ocp.CheckpointManager(ckpt_dir) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+    variables = {"params": restored["params"]}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
+    return model, variables, config, tuple(info["class_names"])
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
 def evaluate(steps: Steps, state: TrainState, config: ml_collections.ConfigDict,
              eval_batches: Any, num_classes: int, class_names: tuple[str, ...],
-             num_draw: int = 0) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """One pass over the eval data: metrics (VOC07/VOC/COCO per `config.metric`) and up to
-    `num_draw` validation images [S,S,3] uint8 with their predicted boxes drawn."""
+             num_draw: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """One pass over the eval data: metrics (VOC07/VOC/COCO per `config.metric`) and the first
+    `num_draw` validation images with their detections ("image", "boxes", "labels", "scores")."""
     from ssd_jax import evaluation
 
     evaluator = evaluation.DetectionEvaluator(num_classes, metric=config.metric,
                                               class_names=class_names)
-    drawn: list[np.ndarray] = []
+    drawn: list[dict[str, np.ndarray]] = []
     for local in eval_batches:
         images = steps.global_batch(local, ("image",))["image"]
         dets = steps.eval(state, images)
         dets = postprocess.Detections(*(process_local(x) for x in dets))
         evaluator.add_batch(dets, local)
-        if len(drawn) < num_draw:
-            drawn += _draw(local, dets, class_names, num_draw - len(drawn))
-    return evaluator.result(), drawn
-
-
-def _draw(local: dict[str, np.ndarray], dets: postprocess.Detections,
-          class_names: tuple[str, ...], n: int, min_score: float = 0.3) -> list[np.ndarray]:
-    from ssd_jax.data import visualize
-
-    out = []
-    for i in range(min(n, local["image"].shape[0])):
-        if "mask" in local and not local["mask"][i]:
-            continue
-        keep = dets.scores[i] >= min_score
-        out.append(visualize.draw_boxes(local["image"][i], dets.boxes[i][keep],
-                                        dets.classes[i][keep], class_names,
-                                        scores=dets.scores[i][keep]))
-    return out
+        if sum(len(d["image"]) for d in drawn) < num_draw:
+            keep = local["mask"] if "mask" in local else np.ones(len(local["image"]), bool)
+            drawn.append({"image": local["image"][keep], "boxes": dets.boxes[keep],
+                          "labels": dets.classes[keep], "scores": dets.scores[keep]})
+    samples = None
+    if drawn:
+        samples = {k: np.concatenate([d[k] for d in drawn])[:num_draw] for k in drawn[0]}
+    return evaluator.result(), samples
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -382,6 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         config.dataset, image_size=size, batch_size=local_eval_batch, max_boxes=config.max_boxes,
         process_index=jax.process_index(), process_count=n_proc)
 
+    save_run_info(workdir, config, info.num_classes, info.class_names)
     manager = checkpoint_manager(workdir, config)
     state = jax.device_put(restore_or_init(manager, create_train_state(config, model, tx)),
                            steps.replicated)
@@ -409,16 +447,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     last_eval: dict[str, Any] = {}
 
     def run_eval(step: int) -> dict[str, Any]:
-        result, drawn = evaluate(steps, state, config, eval_batches, info.num_classes,
-                                 info.class_names, num_draw=config.num_eval_images_to_draw)
+        result, samples = evaluate(steps, state, config, eval_batches, info.num_classes,
+                                   info.class_names, num_draw=config.num_eval_images_to_draw)
         scalars = {f"eval/{k}": v for k, v in result.items()
                    if isinstance(v, int | float) and not math.isnan(v)}
         writer.write_scalars(step, scalars)
-        if drawn and is_lead:
-            writer.write_images(step, {"eval/detections": np.stack(drawn)})
+        if samples is not None and is_lead:
+            from PIL import Image
+
             from ssd_jax.data import visualize
+
             path = os.path.join(samples_png, f"detections_step{step:07d}.png")
-            visualize.save_image_grid(drawn, path)
+            visualize.save_sample_grid(samples, info.class_names, path,
+                                       score_threshold=config.draw_score_threshold)
+            picture = np.asarray(Image.open(path).convert("RGB"))
+            writer.write_images(step, {"eval/detections": picture[None]})
         return result
 
     for step in range(start_step, total):

@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.detect.iou_threshold = 0.45
     config.detect.max_detections = 100  # per image (paper: 200)
     config.num_eval_images_to_draw = 8  # validation images drawn with predictions (TensorBoard, PNG)
+    config.draw_score_threshold = 0.3  # detections drawn on those images score above this
 
     # Bookkeeping.
     config.log_every_steps = 50

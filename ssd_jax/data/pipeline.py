@@ -21,11 +21,14 @@ Determinism and resume. The training stream is a function of (seed, step):
   for a seed; `start_step=k` skips k * batch_size records *before* images are decoded (images stay
   encoded until after the skip, so skipping costs reading, not decoding), and the augmentation
   seed is fold_in((seed, process_index), position in the stream). Each host reads
-  `tfds.even_splits(split, process_count)[process_index]`.
+  `tfds.even_splits(split, process_count)[process_index]`. An undecodable image is replaced
+  by a blank negative in its position (again, no shift).
 
-Bad input: annotation problems are repaired when the source is built (see sources.py). At run
-time undecodable images are skipped, grayscale/RGBA/CMYK images converted to RGB and boxes past
-max_boxes truncated; all of it is counted in `get_stats()` and logged with absl logging.
+Bad input: annotation problems are repaired when the source is built (see sources.py); TFDS
+boxes are clipped / dropped in the graph. At run time undecodable images are skipped (training:
+replaced as above; eval: their slot becomes a masked padding example), grayscale/RGBA/CMYK images
+converted to RGB and boxes past max_boxes truncated. Everything is counted in `get_stats()` (and
+each iterator's `.stats`) and logged with absl logging.
 """
 
 from __future__ import annotations

@@ -128,13 +128,14 @@ def per_class_table(class_names: Sequence[str], aps: Sequence[float], num_gt: Se
                     title: str = "AP") -> str:
     """A plain-text table: class, AP (or '-' without ground truth), #gt; then the mean."""
     width = max([len("class")] + [len(n) for n in class_names])
-    lines = [f"{'class':<{width}}  {title:>8}  {'#gt':>6}", "-" * (width + 18)]
+    col = max(8, len(title))
+    lines = [f"{'class':<{width}}  {title:>{col}}  {'#gt':>6}", "-" * (width + col + 10)]
     for name, ap, n in zip(class_names, aps, num_gt):
-        value = f"{ap:8.4f}" if not math.isnan(ap) else f"{'-':>8}"
+        value = f"{ap:{col}.4f}" if not math.isnan(ap) else f"{'-':>{col}}"
         lines.append(f"{name:<{width}}  {value}  {n:6d}")
     valid = [a for a in aps if not math.isnan(a)]
-    mean = f"{np.mean(valid):8.4f}" if valid else f"{'-':>8}"
-    lines += ["-" * (width + 18), f"{'mean':<{width}}  {mean}  {sum(num_gt):6d}"]
+    mean = f"{np.mean(valid):{col}.4f}" if valid else f"{'-':>{col}}"
+    lines += ["-" * (width + col + 10), f"{'mean':<{width}}  {mean}  {sum(num_gt):6d}"]
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@
     python -m experiments.benchmark --suite core --suite detect --no-peer
 
 Suites (experiments/benchmarks/*.py): core (matching + multibox loss), model (forward and train
-step), detect (post-processing), data (input pipeline; needs TensorFlow). The table prints
+step), detect (post-processing), inference (network + detect, end to end), data (input pipeline;
+needs TensorFlow). The table prints
 images/sec for ours, the peer, and their ratio. Never imported by tests for timing.
 """
 
@@ -18,7 +19,7 @@ import jax
 
 from experiments.benchmarks.common import Row, format_table
 
-SUITES = ("core", "model", "detect", "data")
+SUITES = ("core", "model", "detect", "inference", "data")
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

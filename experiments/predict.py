@@ -144,41 +144,10 @@ def check_variables_fit(model: Any, variables: Any, what: str = "checkpoint") ->
 
 
 def load_workdir(workdir: str, step: int | None = None) -> tuple[Any, Any, Any, tuple[str, ...]]:
-    """(model, variables, config, class_names) of a training workdir's checkpoint.
+    """(model, variables, config, class_names) of a training workdir's checkpoint."""
+    from ssd_jax import train_lib  # imports no TensorFlow
 
-    The same as `train_lib.load_for_inference` (run_info.json + the orbax TrainState's params and
-    batch_stats), without importing train_lib, whose metric writers pull in TensorFlow.
-    """
-    import jax.numpy as jnp
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from ssd_jax import models
-
-    path = os.path.join(workdir, "run_info.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir of "
-                                "ssd_jax (expected run_info.json and checkpoints/)")
-    with open(path) as f:
-        info = json.load(f)
-    config = ml_collections.ConfigDict(info["config"])
-    model = models.build_model(config.model.name, int(info["num_classes"]),
-                               jnp.dtype(config.get("dtype", "float32")))
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoints/ folder in {workdir}")
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        if step not in manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt_dir}; steps there: "
-                                    f"{sorted(manager.all_steps())}")
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
-    variables = {"params": restored["params"]}
-    if restored.get("batch_stats"):
-        variables["batch_stats"] = restored["batch_stats"]
-    return model, variables, config, tuple(info["class_names"])
+    return train_lib.load_for_inference(workdir, step)
 
 
 def load_predictor(workdir: str | None = None, torchvision_checkpoint: str | None = None,

@@ -32,7 +32,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -343,10 +342,15 @@ def load_for_inference(workdir: str, step: int | None = None
     config = ml_collections.ConfigDict(info["config"])
     model = create_model(config, int(info["num_classes"]), axis_name=None)
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoints/ folder in {workdir}")
     with ocp.CheckpointManager(ckpt_dir) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt_dir}; steps there: "
+                                    f"{sorted(manager.all_steps())}")
         restored = manager.restore(step, args=ocp.args.StandardRestore())
     variables = {"params": restored["params"]}
     if restored.get("batch_stats"):
@@ -402,6 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     Returns the final state (replicated over the mesh) and the final evaluation metrics. Writes
     WORKDIR/checkpoints (orbax), TensorBoard events and PNGs of validation detections.
     """
+    from clu import metric_writers  # imports TensorFlow: keep the module importable without it
+
     from ssd_jax.data import pipeline
 
     validate_config(config)

@@ -9,6 +9,11 @@ import numpy as np
 # Tests run on the CPU with one device unless a test spawns its own subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+try:  # torch must load before TensorFlow in one process (the other order can segfault)
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 
 def random_boxes(rng: np.random.Generator, n: int, min_size: float = 0.03,
                  max_size: float = 0.6) -> np.ndarray:

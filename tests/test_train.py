@@ -158,12 +158,18 @@ _ONE_VS_EIGHT = """
 
     assert jax.device_count() == 8
     config = tiny_config()
+    # SGD at a constant rate: parameter differences are gradient differences (Adam's
+    # g / sqrt(v) would amplify float noise in near-zero gradients). Reductions in another order
+    # can swap a hard negative at a float tie of the confidence-loss ranking, which moves a few
+    # gradient entries by ~1e-3; at lr 0.005 that stays within the 1e-5 the issue asks for.
+    config.optimizer, config.schedule, config.warmup_steps = "sgd", "piecewise", 0
+    config.learning_rate = 0.005
     info = pipeline.get_dataset_info(config.dataset)
     model = train_lib.create_model(config, info.num_classes)
     tx = train_lib.create_optimizer(config)
     it = pipeline.create_train_iterator(config.dataset, image_size=model.prior_spec.image_size,
                                         batch_size=8, max_boxes=config.max_boxes, seed=0)
-    local = [next(it) for _ in range(2)]
+    local = [next(it)]  # one step, as the issue asks
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         steps = train_lib.make_steps(config, model, tx, Mesh(np.array(devices), ("data",)))
@@ -174,7 +180,13 @@ _ONE_VS_EIGHT = """
                         float(metrics["loss"])))
     (p1, s1, l1), (p8, s8, l8) = results
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p8, s8))):
+    moved = 0.0
+    p0 = jax.device_get(train_lib.create_train_state(config, model, tx).params)
+    for a, b, c in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(p0)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        moved = max(moved, float(np.abs(a - c).max()))
+    assert moved > 5e-4, moved  # the steps really changed the params
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     print("OK", l1, l8)
 """
@@ -192,8 +204,11 @@ _PROCESS = """
     if n > 1:
         distributed.maybe_initialize(f"localhost:{port}", n, pid)
     config = tiny_config()
-    config.num_train_steps = 4
+    config.num_train_steps = 1
     config.checkpoint_every_steps = 0
+    # SGD at a constant rate, as in the 8-device test: differences are gradient differences
+    config.optimizer, config.schedule, config.warmup_steps = "sgd", "piecewise", 0
+    config.learning_rate = 0.005
     state, metrics = train_lib.train_and_evaluate(config, workdir)
     leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
     np.savez(out, *leaves, mAP=metrics["mAP"])
@@ -224,7 +239,7 @@ def test_two_processes_train_like_one(tmp_path):
     for i in range(2):
         got = np.load(tmp_path / f"p{i}.npz")
         for key in ref.files:
-            np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-5, err_msg=key)
 
 
 # ----------------------------------------------------------------------------- resume

@@ -22,6 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.num_train = 4000    # synthetic training images, generated once and held in memory
     config.dataset.num_eval = 500      # synthetic validation images (a disjoint split)
     config.dataset.image_size = 192    # side of the generated images before augmentation/resize
+    # The paper's augmentation (ssd_jax.data.augment), each step switchable.
+    config.dataset.augment_photometric = True  # brightness, contrast, saturation, hue
+    config.dataset.augment_expand = True       # zoom out with p 0.5 onto a mean-filled canvas
+    config.dataset.max_expand = 4.0            # largest zoom-out ratio (the paper's 4)
+    config.dataset.augment_crop = True         # min-IoU random crop (7 samplers, 50 trials)
+    config.dataset.augment_flip = True         # horizontal flip with p 0.5
     config.max_boxes = 16              # ground truth per image, padded with label 0 ("no box")
 
     # Optimization.

@@ -223,6 +223,7 @@ def photometric_distort(image: tf.Tensor, seed: tf.Tensor, valid: tf.Tensor | No
 def train_augment(
     image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *, size: int,
     photometric: bool = True, expand: bool = True, crop: bool = True, flip: bool = True,
+    max_expand: float = 4.0,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """SSD training augmentation (see module docstring).
 
@@ -231,6 +232,8 @@ def train_augment(
       boxes: float32 [N,4] normalized corners; labels: int32 [N].
       seed: int64 [2] per-example seed.
       size: output side S.
+      photometric, expand, crop, flip: switch each step (all on: the paper).
+      max_expand: the largest zoom-out ratio (the paper's 4).
     Returns:
       image uint8 [S,S,3], boxes float32 [K,4] (normalized to the output), labels int32 [K].
     """
@@ -240,7 +243,7 @@ def train_augment(
     h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     # 1. expand: image occupies [ox, ox + 1/r] x [oy, oy + 1/r] of the canvas.
     if expand:
-        ox, oy, r = tf.unstack(sample_expand(s[0]))
+        ox, oy, r = tf.unstack(sample_expand(s[0], max_ratio=max_expand))
     else:
         ox, oy, r = tf.constant(0.0), tf.constant(0.0), tf.constant(1.0)
     origin = tf.stack([ox, oy, ox, oy])

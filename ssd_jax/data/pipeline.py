@@ -241,9 +241,15 @@ def make_train_dataset(
     else:
         ds = _table_train_examples(src, b, seed, start_step, process_index, process_count)
 
+    # the paper's augmentation, each step switchable (config.dataset.augment_<step>: bool)
+    steps = {k: bool(sources._get(dataset_cfg, f"augment_{k}", True))
+             for k in ("photometric", "expand", "crop", "flip")}
+    max_expand = float(sources._get(dataset_cfg, "max_expand", 4.0))
+
     def prepare(ex):
         image, boxes, labels = augment.train_augment(ex["image"], ex["boxes"], ex["labels"],
-                                                     ex["seed"], size=size)
+                                                     ex["seed"], size=size, max_expand=max_expand,
+                                                     **steps)
         n = tf.shape(boxes)[0]
         out = {"image": image, "boxes": _pad(boxes, max_boxes),
                "labels": _pad(labels, max_boxes)}

@@ -27,13 +27,14 @@ def area(boxes: jnp.ndarray) -> jnp.ndarray:
 
 
 def iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """Pairwise IoU of corner boxes a [N,4] and b [M,4] -> [N,M].
+    """Pairwise IoU of corner boxes a [..., N, 4] and b [..., M, 4] -> [..., N, M].
 
-    Degenerate boxes (zero area or inverted) give IoU 0, never NaN.
+    Leading dimensions broadcast (e.g. per class in NMS). Degenerate boxes (zero area or
+    inverted) give IoU 0, never NaN.
     """
-    lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
-    rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+    lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     wh = jnp.maximum(rb - lt, 0.0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area(a)[:, None] + area(b)[None, :] - inter
+    union = area(a)[..., :, None] + area(b)[..., None, :] - inter
     return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)

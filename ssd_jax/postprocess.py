@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ssd_jax import box_coder
+from ssd_jax import box_coder, box_ops
 
 
 class Detections(NamedTuple):
@@ -43,18 +43,6 @@ class Detections(NamedTuple):
     scores: jnp.ndarray
     classes: jnp.ndarray
     num_detections: jnp.ndarray
-
-
-def _pairwise_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """IoU of corner boxes a [..., N, 4] and b [..., M, 4] -> [..., N, M] (batched box_ops.iou)."""
-    lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = jnp.maximum(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    union = area_a[..., :, None] + area_b[..., None, :] - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
 
 
 def nms_padded(
@@ -87,7 +75,7 @@ def nms_padded(
         cur_box, cur_keep, keep = carry
         prev_box = jax.lax.dynamic_index_in_dim(tiles, s, axis=1, keepdims=False)
         prev_keep = jax.lax.dynamic_index_in_dim(keep, s, axis=1, keepdims=False)
-        over = _pairwise_iou(prev_box, cur_box) > iou_threshold  # [N, T(prev), T(cur)]
+        over = box_ops.iou(prev_box, cur_box) > iou_threshold  # [N, T(prev), T(cur)]
         suppressed = jnp.any(over & prev_keep[:, :, None], axis=1)
         return cur_box, cur_keep & ~suppressed, keep
 
@@ -95,7 +83,7 @@ def nms_padded(
         cur_box = jax.lax.dynamic_index_in_dim(tiles, i, axis=1, keepdims=False)
         cur_keep = jax.lax.dynamic_index_in_dim(keep, i, axis=1, keepdims=False)
         _, base, _ = jax.lax.fori_loop(0, i, suppress_by_tile, (cur_box, cur_keep, keep))
-        over = (_pairwise_iou(cur_box, cur_box) > iou_threshold) & upper  # [N, T, T]
+        over = (box_ops.iou(cur_box, cur_box) > iou_threshold) & upper  # [N, T, T]
 
         def not_converged(state):
             prev, cur = state

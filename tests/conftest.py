@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
+import pytest
 
 # Tests run on the CPU with one device unless a test spawns its own subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,3 +34,30 @@ def random_gt_batch(rng: np.random.Generator, counts: list[int], max_boxes: int,
         boxes[i, :n] = random_boxes(rng, n)
         labels[i, :n] = rng.integers(1, num_classes, size=n)
     return boxes, labels
+
+
+@pytest.fixture
+def tfds_mock(monkeypatch):
+    """tfds.testing.mock_data (5 examples per split) with consistent sequence lengths (tfds' random
+    generator draws a different length per field of a Sequence) and boxes with min <= max
+    (required to encode them); a third of the boxes are degenerate (zero width)."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import features as tfds_features
+    from tensorflow_datasets.testing import mocking
+
+    gen = mocking.RandomFakeGenerator
+    monkeypatch.setattr(gen, "__init__",
+                        functools.partialmethod(gen.__init__, constant_dynamic_shape=True))
+    orig = gen._generate_random_obj
+
+    def random_obj(self, feature, tensor_info, rng):
+        x = orig(self, feature, tensor_info, rng)
+        if isinstance(feature, tfds_features.BBoxFeature):
+            x = x.reshape(-1, 4)
+            x = np.concatenate([np.minimum(x[:, :2], x[:, 2:]), np.maximum(x[:, :2], x[:, 2:])], 1)
+            x[::3, 3] = x[::3, 1]
+        return x
+
+    monkeypatch.setattr(gen, "_generate_random_obj", random_obj)
+    with tfds.testing.mock_data(num_examples=5):
+        yield

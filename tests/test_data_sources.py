@@ -240,33 +240,6 @@ def test_decode_image_layouts():
 # TFDS through tfds.testing.mock_data
 
 
-@pytest.fixture
-def tfds_mock(monkeypatch):
-    """tfds mock data with consistent sequence lengths (tfds' random generator draws a different
-    length per field of a Sequence) and boxes with min <= max (required to encode them); a third
-    of the boxes are degenerate (zero width)."""
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import features as tfds_features
-    from tensorflow_datasets.testing import mocking
-
-    gen = mocking.RandomFakeGenerator
-    monkeypatch.setattr(gen, "__init__",
-                        functools.partialmethod(gen.__init__, constant_dynamic_shape=True))
-    orig = gen._generate_random_obj
-
-    def random_obj(self, feature, tensor_info, rng):
-        x = orig(self, feature, tensor_info, rng)
-        if isinstance(feature, tfds_features.BBoxFeature):
-            x = x.reshape(-1, 4)
-            x = np.concatenate([np.minimum(x[:, :2], x[:, 2:]), np.maximum(x[:, :2], x[:, 2:])], 1)
-            x[::3, 3] = x[::3, 1]
-        return x
-
-    monkeypatch.setattr(gen, "_generate_random_obj", random_obj)
-    with tfds.testing.mock_data(num_examples=5):
-        yield
-
-
 @pytest.mark.parametrize("name, num_classes", [("voc/2007+voc/2012", 21), ("coco/2017", 81)])
 def test_tfds_sources(tfds_mock, name, num_classes):
     cfg = ml_collections.ConfigDict(dict(kind="tfds", name=name, data_dir="",

@@ -1,0 +1,37 @@
+"""One training step (and the final evaluation) of every config, with tiny overrides.
+
+The paper configs read VOC/COCO through TFDS, here `tfds.testing.mock_data`; they keep their
+models (SSD300/SSD512 VGG16), optimizer (SGD, piecewise schedule with warmup) and metric.
+"""
+
+import importlib
+import math
+
+import pytest
+
+from ssd_jax import train_lib
+
+CONFIGS = ["default", "ssd300_voc", "ssd512_voc", "ssd300_coco"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_one_step_of_every_config(name, tmp_path, tfds_mock):
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    config.num_train_steps = 1
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 0
+    config.num_eval_images_to_draw = 1
+    config.dtype = "float32"  # bfloat16 convolutions are emulated (slow) on CPU
+    if config.dataset.kind == "tfds":
+        config.dataset.data_dir = str(tmp_path)
+        config.dataset.eval_split = "validation"  # what the mock provides for every dataset
+    else:
+        config.dataset.num_train, config.dataset.num_eval = 8, 4
+    state, metrics = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
+    assert int(state.step) == 1
+    key = "AP" if config.metric == "coco" else "mAP"
+    assert key in metrics and (math.isnan(metrics[key]) or 0.0 <= metrics[key] <= 1.0)

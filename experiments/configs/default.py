@@ -19,24 +19,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.kind = "synthetic"
     config.dataset.seed = 0            # the synthetic images (independent of the training seed)
-    config.dataset.num_train = 4000    # synthetic training images, generated once and held in memory
+    config.dataset.num_train = 6000    # synthetic training images, generated once and held in memory
     config.dataset.num_eval = 500      # synthetic validation images (a disjoint split)
     config.dataset.image_size = 192    # side of the generated images before augmentation/resize
-    # The paper's augmentation (ssd_jax.data.augment), each step switchable.
+    # The paper's augmentation (ssd_jax.data.augment), each step switchable. Zoom-out and min-IoU
+    # crops pay off over 100k+ steps; in this 10-minute run they cost mAP (measured at 600 steps:
+    # 0.09 with both, 0.17 without zoom-out, 0.26 without either), so the default keeps flips and
+    # photometric distortion only. The VOC/COCO configs use the full set.
     config.dataset.augment_photometric = True  # brightness, contrast, saturation, hue
-    config.dataset.augment_expand = True       # zoom out with p 0.5 onto a mean-filled canvas
+    config.dataset.augment_expand = False      # zoom out with p 0.5 onto a mean-filled canvas
     config.dataset.max_expand = 4.0            # largest zoom-out ratio (the paper's 4)
-    config.dataset.augment_crop = True         # min-IoU random crop (7 samplers, 50 trials)
+    config.dataset.augment_crop = False        # min-IoU random crop (7 samplers, 50 trials)
     config.dataset.augment_flip = True         # horizontal flip with p 0.5
     config.max_boxes = 16              # ground truth per image, padded with label 0 ("no box")
 
     # Optimization.
-    config.num_train_steps = 3000      # optimizer updates
-    config.batch_size = 32             # global batch, split over all devices of all hosts
+    # On a 2-core CPU the compact model trains at ~100 img/s whatever the batch, so a fixed time
+    # buys a fixed number of images; small batches turn them into more updates (same 19k images:
+    # mAP 0.34 at batch 32, 0.43 at 16, 0.46 at 8).
+    config.num_train_steps = 8000      # optimizer updates
+    config.batch_size = 8              # global batch, split over all devices of all hosts
     config.optimizer = "adamw"         # "sgd" (momentum, Caffe-style L2) or "adamw"
-    config.learning_rate = 3e-3        # peak learning rate
+    config.learning_rate = 1e-2        # peak learning rate (0.34 / 0.32 / 0.26 mAP at 1e-2 / 5e-3 / 3e-3)
     config.schedule = "cosine"         # "cosine" (to 0 at the end) or "piecewise" (x lr_decay)
-    config.warmup_steps = 200          # linear warmup from warmup_start_factor * lr
+    config.warmup_steps = 500          # linear warmup from warmup_start_factor * lr
     config.warmup_start_factor = 0.0   # (piecewise schedule) first warmup lr = factor * lr
     config.lr_boundaries = ()          # (piecewise schedule) steps where lr is multiplied by lr_decay
     config.lr_decay = 0.1              # (piecewise schedule) the factor at each boundary
@@ -64,8 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.draw_score_threshold = 0.3  # detections drawn on those images score above this
 
     # Bookkeeping.
-    config.log_every_steps = 50
-    config.eval_every_steps = 1000
-    config.checkpoint_every_steps = 500
+    config.log_every_steps = 200
+    config.eval_every_steps = 2000
+    config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     return config

@@ -23,13 +23,22 @@ def hard_negative_mask(
 ) -> jnp.ndarray:
     """Per image, the `neg_pos_ratio * num_pos` negatives of highest loss.
 
-    conf_loss float [B,P], positive bool [B,P] -> bool [B,P] (never true on a positive).
+    conf_loss float [B,P] (>= 0, e.g. cross-entropy), positive bool [B,P] -> bool [B,P], never
+    true on a positive. Exactly k = floor(ratio * num_pos) negatives per image unless losses tie
+    at float precision. Instead of sorting (slow on XLA:CPU), each image's k-th largest loss is
+    found by a 31-step bisection over the float's bit pattern (order-preserving for x >= 0).
     """
-    neg_loss = jnp.where(positive, -jnp.inf, conf_loss)
-    order = jnp.argsort(-neg_loss, axis=1)  # descending loss
-    rank = jnp.argsort(order, axis=1)
-    num_neg = neg_pos_ratio * jnp.sum(positive, axis=1, keepdims=True)
-    return (rank < num_neg) & ~positive
+    loss = jnp.maximum(conf_loss.astype(jnp.float32), 0.0) + 0.0  # +0.0 turns -0.0 into 0.0
+    bits = jnp.where(positive, -1, jax.lax.bitcast_convert_type(loss, jnp.int32))
+    k = jnp.floor(neg_pos_ratio * jnp.sum(positive, axis=1, keepdims=True)).astype(jnp.int32)
+
+    def set_bit(i, threshold):  # greedily the largest threshold with count(bits >= t) >= k
+        candidate = threshold | (1 << (30 - i))
+        enough = jnp.sum(bits >= candidate, axis=1, keepdims=True) >= k
+        return jnp.where(enough, candidate, threshold)
+
+    threshold = jax.lax.fori_loop(0, 31, set_bit, jnp.zeros_like(k))
+    return (bits >= threshold) & (k > 0) & ~positive
 
 
 def multibox_loss(

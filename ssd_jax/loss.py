@@ -24,9 +24,10 @@ def hard_negative_mask(
     """Per image, the `neg_pos_ratio * num_pos` negatives of highest loss.
 
     conf_loss float [B,P] (>= 0, e.g. cross-entropy), positive bool [B,P] -> bool [B,P], never
-    true on a positive. Exactly k = floor(ratio * num_pos) negatives per image unless losses tie
-    at float precision. Instead of sorting (slow on XLA:CPU), each image's k-th largest loss is
-    found by a 31-step bisection over the float's bit pattern (order-preserving for x >= 0).
+    true on a positive. Exactly k = min(floor(ratio * num_pos), #negatives) negatives per image;
+    among equal losses at the boundary the lowest prior indices win (as a stable sort). Instead of
+    sorting (slow on XLA:CPU), each image's k-th largest loss is found by a 31-step bisection over
+    the float's bit pattern (order-preserving for x >= 0).
     """
     loss = jnp.maximum(conf_loss.astype(jnp.float32), 0.0) + 0.0  # +0.0 turns -0.0 into 0.0
     bits = jnp.where(positive, -1, jax.lax.bitcast_convert_type(loss, jnp.int32))
@@ -38,7 +39,11 @@ def hard_negative_mask(
         return jnp.where(enough, candidate, threshold)
 
     threshold = jax.lax.fori_loop(0, 31, set_bit, jnp.zeros_like(k))
-    return (bits >= threshold) & (k > 0) & ~positive
+    above = bits > threshold
+    # Ties matter: flat image regions give many priors exactly the same loss.
+    at = bits == threshold
+    room = k - jnp.sum(above, axis=1, keepdims=True)
+    return (above | (at & (jnp.cumsum(at, axis=1) <= room))) & (k > 0)
 
 
 def multibox_loss(

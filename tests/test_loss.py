@@ -113,3 +113,20 @@ def test_low_precision_inputs_compute_in_float32():
     half, aux = loss.multibox_loss(logits.astype(jnp.bfloat16), preds.astype(jnp.bfloat16), cls_t, box_t)
     assert half.dtype == jnp.float32 and aux["conf_loss"].dtype == jnp.float32
     np.testing.assert_allclose(float(half), float(full), rtol=2e-2)
+
+
+def test_hard_negatives_take_exactly_k_with_ties_like_a_stable_sort():
+    rng = np.random.default_rng(7)
+    # quantized losses: many exact ties, as flat image regions produce
+    conf = rng.integers(0, 6, size=(4, 300)).astype(np.float32) * 0.25
+    positive = rng.random((4, 300)) < 0.05
+    positive[3] = False  # an image without positives mines nothing
+    positive[2, :100] = True  # 3 * 100 > 200 negatives: all negatives are taken
+    mask = np.asarray(loss.hard_negative_mask(jnp.asarray(conf), jnp.asarray(positive), 3.0))
+    for i in range(4):
+        neg = np.flatnonzero(~positive[i])
+        k = min(3 * positive[i].sum(), len(neg))
+        order = neg[np.argsort(-conf[i, neg], kind="stable")]  # ties: lower index first
+        expected = np.zeros(300, bool)
+        expected[order[:k]] = True
+        np.testing.assert_array_equal(mask[i], expected, err_msg=f"image {i}")

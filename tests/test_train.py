@@ -159,11 +159,10 @@ _ONE_VS_EIGHT = """
     assert jax.device_count() == 8
     config = tiny_config()
     # SGD at a constant rate: parameter differences are gradient differences (Adam's
-    # g / sqrt(v) would amplify float noise in near-zero gradients). Reductions in another order
-    # can swap a hard negative at a float tie of the confidence-loss ranking, which moves a few
-    # gradient entries by ~1e-3; at lr 0.005 that stays within the 1e-5 the issue asks for.
+    # g / sqrt(v) would amplify float noise in near-zero gradients). Each leaf's update must also
+    # agree to 0.1% of its size (BatchNorm's fast variance E[x^2] - E[x]^2 failed this at 1%).
     config.optimizer, config.schedule, config.warmup_steps = "sgd", "piecewise", 0
-    config.learning_rate = 0.005
+    config.learning_rate = 0.01
     info = pipeline.get_dataset_info(config.dataset)
     model = train_lib.create_model(config, info.num_classes)
     tx = train_lib.create_optimizer(config)
@@ -184,8 +183,10 @@ _ONE_VS_EIGHT = """
     p0 = jax.device_get(train_lib.create_train_state(config, model, tx).params)
     for a, b, c in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(p0)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-        moved = max(moved, float(np.abs(a - c).max()))
-    assert moved > 5e-4, moved  # the steps really changed the params
+        update = float(np.abs(a - c).max())
+        assert float(np.abs((a - c) - (b - c)).max()) <= 1e-3 * update + 1e-7
+        moved = max(moved, update)
+    assert moved > 1e-3, moved  # the step really changed the params
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     print("OK", l1, l8)
@@ -208,7 +209,7 @@ _PROCESS = """
     config.checkpoint_every_steps = 0
     # SGD at a constant rate, as in the 8-device test: differences are gradient differences
     config.optimizer, config.schedule, config.warmup_steps = "sgd", "piecewise", 0
-    config.learning_rate = 0.005
+    config.learning_rate = 0.01
     state, metrics = train_lib.train_and_evaluate(config, workdir)
     leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
     np.savez(out, *leaves, mAP=metrics["mAP"])

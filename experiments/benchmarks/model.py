@@ -31,9 +31,12 @@ MAX_BOXES = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-batch", type=int, default=None,
-                        help="model suite: images per step (default 2 on CPU, 32 on accelerators; "
-                             "1 with --quick)")
+    parser.add_argument("--model-batch", default=None,
+                        help="model suite: comma-separated images per step (default 2 on CPU, "
+                             "1,32,64 on accelerators; 1 with --quick)")
+    parser.add_argument("--model-dtypes", default=None,
+                        help="model suite: comma-separated fp32,bf16 (default: --dtype on CPU, "
+                             "both on accelerators)")
     parser.add_argument("--model-names", default=",".join(MODEL_NAMES),
                         help="model suite: comma-separated models to time")
     if "--dtype" not in parser._option_string_actions:  # another suite may share the flag
@@ -146,10 +149,20 @@ def _time_torchvision(batch: int, bf16: bool, timing: dict) -> tuple[float, floa
 
 
 def run(args: argparse.Namespace) -> list[Row]:
+    """Forward and train-step rows for every (batch, dtype) asked for, with the peer's SSD300."""
     quick = getattr(args, "quick", False)
     on_cpu = jax.devices()[0].platform == "cpu"
-    batch = getattr(args, "model_batch", None) or (1 if quick else (2 if on_cpu else 32))
-    dtype_name = getattr(args, "dtype", "fp32")
+    batches = getattr(args, "model_batch", None) or ("1" if quick else ("2" if on_cpu else "1,32,64"))
+    dtypes = getattr(args, "model_dtypes", None) or (
+        getattr(args, "dtype", "fp32") if on_cpu or quick else "fp32,bf16")
+    rows = []
+    for dtype_name in [d for d in str(dtypes).split(",") if d]:
+        for batch in [int(b) for b in str(batches).split(",") if b]:
+            rows += _run_one(args, batch, dtype_name, quick)
+    return rows
+
+
+def _run_one(args: argparse.Namespace, batch: int, dtype_name: str, quick: bool) -> list[Row]:
     dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
     names = [n for n in getattr(args, "model_names", ",".join(MODEL_NAMES)).split(",") if n]
     timing = (dict(warmup=1, min_time=0.2, min_iters=1) if quick

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from experiments import evaluate, predict
-from experiments.configs import default
 
 try:  # torch and torchvision must be loaded before TensorFlow (the other order can segfault)
     import torch  # noqa: F401
@@ -26,18 +25,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-    """The default config shrunk to seconds (compact model, 128 px synthetic data)."""
-    config = default.get_config()
-    config.dataset.num_train = 48
+    """The training tests' tiny config (compact model, 128 px synthetic data), 4 steps."""
+    from tests.test_train import tiny_config as train_tiny_config
+
+    config = train_tiny_config()
     config.dataset.num_eval = 8
-    config.dataset.image_size = 128
-    config.batch_size = 8
-    config.eval_batch_size = 8
     config.num_train_steps = 4
     config.warmup_steps = 1
-    config.log_every_steps = 2
     config.checkpoint_every_steps = 0
-    config.eval_every_steps = 0
     config.num_eval_images_to_draw = 0
     return config
 

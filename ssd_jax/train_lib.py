@@ -76,6 +76,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     if config.model.name not in models.MODELS:
         raise ValueError(f"config.model.name={config.model.name!r} is unknown; "
                          f"choose one of {tuple(models.MODELS)}")
+    try:  # builds the module description only (checks its options and prior spec); no compile
+        models.build_model(config.model.name, 2,
+                           **{k: v for k, v in config.model.items() if k != "name"})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from None
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r} is unknown; choose one of {tuple(DTYPES)}")
     if config.metric not in METRICS:
@@ -117,7 +122,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
     BatchNorm layers (if any) reduce their batch statistics over `axis_name`: the data axis in
     the shard_mapped train step, None for plain inference outside it.
     """
-    model = models.build_model(config.model.name, num_classes, DTYPES[config.dtype])
+    options = {k: v for k, v in config.model.items() if k != "name"}
+    model = models.build_model(config.model.name, num_classes, DTYPES[config.dtype], **options)
     return model.clone(bn_axis_name=axis_name)
 
 

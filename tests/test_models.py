@@ -128,6 +128,35 @@ def test_build_model():
     assert models.build_model("compact", 6, jnp.float32).arch == "compact"
     with pytest.raises(ValueError, match="ssd300_vgg16, ssd512_vgg16, compact"):
         models.build_model("ssd300", 21, jnp.float32)
+    wide = models.build_model("compact", 6, width_mult=1.5, num_maps=6, top_down=True)
+    assert (wide.width_mult, wide.top_down, wide.prior_spec) == (1.5, True, models.COMPACT6_PRIORS)
+    with pytest.raises(ValueError, match="no option width_mult"):
+        models.build_model("ssd300_vgg16", 21, width_mult=2.0)
+    with pytest.raises(ValueError, match="num_maps must be 5 or 6"):
+        models.build_model("compact", 6, num_maps=7)
+
+
+@pytest.mark.parametrize("num_maps,top_down", [(6, False), (5, True), (6, True)])
+def test_compact_variants(num_maps, top_down):
+    model = models.compact_ssd(4, num_maps=num_maps, top_down=top_down)
+    spec = model.prior_spec
+    assert len(spec.feature_map_sizes) == num_maps
+    assert spec.feature_map_sizes[0] == 128 // (4 if num_maps == 6 else 8)
+    variables = models.init_variables(model, jax.random.key(1))
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), np.uint8))
+    cls, box = jax.jit(model.apply)(variables, images)
+    assert cls.shape == (2, spec.num_priors, 4) and box.shape == (2, spec.num_priors, 4)
+    fused = sorted(k for k in variables["params"]["backbone"] if k.startswith("fuse"))
+    assert fused == ([f"fuse{k}" for k in range(num_maps - 3)] if top_down else [])
+    if top_down:
+        # The largest map's predictions see the coarsest backbone stage through the fusion:
+        # changing its last conv changes the outputs of the first map's priors.
+        n0 = spec.feature_map_sizes[0] ** 2 * spec.boxes_per_location[0]
+        params = jax.tree_util.tree_map(lambda x: x, variables["params"])
+        last = f"stage{len(models.CompactBackbone.widths)}_conv"
+        params["backbone"][last]["conv"]["kernel"] = 2.0 * params["backbone"][last]["conv"]["kernel"]
+        cls2, _ = jax.jit(model.apply)({**variables, "params": params}, images)
+        assert not np.allclose(cls2[:, :n0], cls[:, :n0], atol=1e-4)
 
 
 def test_extras_and_heads_init_xavier_uniform_zero_bias():
@@ -181,3 +210,4 @@ def test_expected_feature_map_sizes():
     assert models.expected_feature_map_sizes("vgg16", 300) == SSD300_VOC.feature_map_sizes
     assert models.expected_feature_map_sizes("vgg16_512", 512) == SSD512_VOC.feature_map_sizes
     assert models.expected_feature_map_sizes("compact", 128) == (16, 8, 4, 2, 1)
+    assert models.expected_feature_map_sizes("compact", 128, 6) == (32, 16, 8, 4, 2, 1)

@@ -70,6 +70,8 @@ def _restore_params(workdir: str) -> dict[str, np.ndarray]:
     ("batch_size", 10, "config.batch_size"),  # not divisible by 4 devices (below)
     ("model.name", "resnet", "config.model.name"),
     ("dtype", "float64", "config.dtype"),
+    ("model.num_maps", 4, "num_maps"),
+    ("model.width", 2, "no option width"),
 ])
 def test_bad_config_is_a_clear_error(field, value, match):
     config = tiny_config()

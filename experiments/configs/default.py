@@ -14,6 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: a name from ssd_jax.models.MODELS; its prior spec fixes the input size.
     config.model = ml_collections.ConfigDict()
     config.model.name = "compact"
+    # Options of the "compact" builder (ssd_jax.models.compact_ssd); other models take none.
+    config.model.width_mult = 1.0      # multiplies every channel count
+    config.model.top_down = False      # FPN-style fusion of coarser maps into the two largest
+    config.model.num_maps = 5          # 5 source maps (strides 8..128) or 6 (adds stride 4)
 
     # Data: ssd_jax.data.pipeline reads config.dataset (kind = synthetic | tfds | coco_json | voc_xml).
     config.dataset = ml_collections.ConfigDict()

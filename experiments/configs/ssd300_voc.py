@@ -14,7 +14,7 @@ from experiments.configs import default
 
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
-    config.model.name = "ssd300_vgg16"
+    config.model = ml_collections.ConfigDict({"name": "ssd300_vgg16"})  # no compact options
     config.dataset = ml_collections.ConfigDict()
     config.dataset.kind = "tfds"
     config.dataset.name = "voc/2007+voc/2012"      # "07+12": trainval of both

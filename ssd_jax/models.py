@@ -8,8 +8,9 @@ Three architectures share one `SSD` module:
     conv4_3 (scale 20), extras conv8..conv11; 6 source maps (38, 19, 10, 5, 3, 1 at 300 px).
   * "vgg16_512": SSD512 (Caffe ssd_pascal_512.py): the same backbone, five stride-2 extras and a
     final 4x4 conv; 7 source maps (64, 32, 16, 8, 4, 2, 1 at 512 px).
-  * "compact": a narrow conv+BatchNorm network at 128 px with 5 source maps (16, 8, 4, 2, 1),
-    cheap enough to train from scratch on a CPU (the embedded default).
+  * "compact": a narrow conv+BatchNorm network at 128 px with 6 source maps (32, 16, 8, 4, 2, 1;
+    or 5 without the stride-4 map), cheap enough to train from scratch on a CPU (the embedded
+    default).
 
 Priors and head outputs share the order of DESIGN.md: maps largest first, locations row-major,
 the boxes of one location contiguous; a head's NHWC output [B,H,W,A*K] reshapes to [B,H*W*A,K].
@@ -243,10 +244,12 @@ class ConvBN(nn.Module):
 
 
 class CompactBackbone(nn.Module):
-    """Narrow conv+BN backbone and extras: 7 stride-2 stages, the last 5 are the source maps.
+    """Narrow conv+BN backbone and extras: 7 stride-2 stages, the last `num_sources` are the
+    source maps.
 
     128 px -> 64 (24 ch) -> 32 (48) -> 16 (96) -> 8 (192) -> 4, 2, 1 (128 each, after a 1x1-64
-    bottleneck); sources are 16, 8, 4, 2, 1. About 0.1 GMAC per 128 px image.
+    bottleneck); sources 32, 16, 8, 4, 2, 1 (num_sources=6) or 16, ..., 1 (5). About 0.12 GMAC per
+    128 px image with the heads. top_down: FPN-style fusion into the stage sources (see below).
     """
 
     widths: Sequence[int] = (24, 48, 96, 192)
@@ -284,6 +287,22 @@ class CompactBackbone(nn.Module):
                 outs[k] = ConvBN(outs[k].shape[-1], 3, 1, name=f"fuse{k}", **kw)(
                     outs[k] + up.reshape(b, 2 * h, 2 * w, c), train)
         return outs
+
+
+class HeadParams(nn.Module):
+    """The parameters of one 3x3 prediction head on a source map, laid out as `nn.Conv`'s
+    ("kernel" [3,3,C_in,N] Xavier-uniform, "bias" [N] zeros); `SSD` applies the class and box
+    heads of a map as one convolution."""
+
+    features: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, src: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        kernel = self.param("kernel", xavier_uniform, (3, 3, src.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", zeros, (self.features,), self.param_dtype)
+        return kernel, bias
 
 
 class SSD(nn.Module):
@@ -374,10 +393,16 @@ class SSD(nn.Module):
             if src.shape[1:3] != (f, f):
                 raise ValueError(f"source map {k} is {src.shape[1]}x{src.shape[2]} but "
                                  f"prior_spec.feature_map_sizes[{k}] is {f}")
-            head = lambda n, name: nn.Conv(n, (3, 3), padding=_pad(1), kernel_init=xavier_uniform,
-                                           bias_init=zeros, name=name, **kw)
-            c = head(a * self.num_classes, f"cls_head_{k}")(src)
-            b = head(a * 4, f"box_head_{k}")(src)
+            # The class and box heads are two 3x3 convs (parameters "cls_head_k" and "box_head_k",
+            # as in the paper and torchvision) computed as one conv of the concatenated kernels.
+            n_cls = a * self.num_classes
+            kc, bc = HeadParams(n_cls, param_dtype=self.param_dtype, name=f"cls_head_{k}")(src)
+            kb, bb = HeadParams(a * 4, param_dtype=self.param_dtype, name=f"box_head_{k}")(src)
+            kernel = jnp.concatenate([kc, kb], axis=-1).astype(self.dtype)
+            y = jax.lax.conv_general_dilated(src.astype(self.dtype), kernel, (1, 1), _pad(1),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = y + jnp.concatenate([bc, bb]).astype(self.dtype)
+            c, b = y[..., :n_cls], y[..., n_cls:]
             batch = src.shape[0]
             cls_out.append(c.reshape(batch, -1, self.num_classes))
             box_out.append(b.reshape(batch, -1, 4))
@@ -402,11 +427,11 @@ def ssd512_vgg16(num_classes: int, prior_spec: PriorSpec = SSD512_VOC,
 
 def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
                 prior_spec: PriorSpec | None = None, width_mult: float = 1.0,
-                top_down: bool = False, num_maps: int = 5) -> SSD:
+                top_down: bool = False, num_maps: int = 6) -> SSD:
     """The compact conv+BN SSD at 128 px for CPU training from scratch.
 
-    num_maps 5 (COMPACT_PRIORS, strides 8..128) or 6 (COMPACT6_PRIORS, adds stride 4); an explicit
-    prior_spec overrides it.
+    num_maps 6 (COMPACT6_PRIORS, strides 4..128, 3572 priors) or 5 (COMPACT_PRIORS, strides
+    8..128, 1524 priors); an explicit prior_spec overrides it.
     """
     if prior_spec is None:
         if num_maps not in (5, 6):

@@ -55,7 +55,7 @@ def compact():
 
 def test_compact_shapes_priors_and_batch_norm(compact):
     model, variables, images = compact
-    assert model.prior_spec is models.COMPACT_PRIORS
+    assert model.prior_spec is models.COMPACT6_PRIORS
     assert model.prior_spec.image_size == model.image_size == 128
     num_priors = generate_priors(model.prior_spec).shape[0]
     cls_logits, box_preds = jax.jit(model.apply)(variables, images)
@@ -90,10 +90,36 @@ def test_compact_synced_batch_norm_equals_global_batch(compact):
 
 
 def test_compact_smallest_prior_covers_small_objects():
-    spec = models.COMPACT_PRIORS
+    spec = models.COMPACT6_PRIORS
     # objects down to ~5% of the image side need a prior near that size
     assert spec.min_sizes[0] / spec.image_size <= 0.07
     assert spec.max_sizes[-1] / spec.image_size >= 0.7
+
+
+def test_compact6_priors_cover_the_synthetic_objects():
+    # Best IoU of each synthetic object with any prior, in plain numpy (independent of box_ops).
+    from ssd_jax.data import synthetic
+
+    boxes = np.concatenate([synthetic.generate_example(0, "val", i, 128)["boxes"]
+                            for i in range(120)]).astype(np.float64)
+    side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    small = side < 0.08
+
+    def best_iou(spec):
+        p = generate_priors(spec).astype(np.float64)
+        c = np.concatenate([p[:, :2] - p[:, 2:] / 2, p[:, :2] + p[:, 2:] / 2], axis=1)
+        lt = np.maximum(boxes[:, None, :2], c[None, :, :2])
+        rb = np.minimum(boxes[:, None, 2:], c[None, :, 2:])
+        inter = np.prod(np.clip(rb - lt, 0.0, None), axis=-1)
+        area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        return (inter / (area(boxes)[:, None] + area(c)[None] - inter)).max(1)
+
+    assert small.sum() > 50
+    five, six = best_iou(models.COMPACT_PRIORS), best_iou(models.COMPACT6_PRIORS)
+    # The stride-4 map gives nearly every object, small ones included, a prior at IoU 0.4 ...
+    assert np.mean(six >= 0.4) >= 0.97 and np.mean(six[small] >= 0.4) >= 0.97
+    # ... where the 5-map priors leave about half of the small objects without one.
+    assert np.mean(five[small] >= 0.4) < 0.7
 
 
 def test_bfloat16_compute_gives_float32_outputs(compact):
@@ -110,7 +136,7 @@ def test_bfloat16_compute_gives_float32_outputs(compact):
 
 
 def test_spec_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match="6 feature maps.*5 source maps"):
+    with pytest.raises(ValueError, match=r"compact' network's source maps \(75, 38, 19, 10, 5, 3\)"):
         models.SSD(num_classes=3, prior_spec=SSD300_VOC, arch="compact")
     wrong_size = dataclasses.replace(models.COMPACT_PRIORS, image_size=160)
     with pytest.raises(ValueError, match=r"\(16, 8, 4, 2, 1\).*\(20, 10, 5, 3, 2\)"):
@@ -136,7 +162,7 @@ def test_build_model():
         models.build_model("compact", 6, num_maps=7)
 
 
-@pytest.mark.parametrize("num_maps,top_down", [(6, False), (5, True), (6, True)])
+@pytest.mark.parametrize("num_maps,top_down", [(5, False), (5, True), (6, True)])
 def test_compact_variants(num_maps, top_down):
     model = models.compact_ssd(4, num_maps=num_maps, top_down=top_down)
     spec = model.prior_spec

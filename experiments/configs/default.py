@@ -16,21 +16,28 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.name = "compact"
     # Options of the "compact" builder (ssd_jax.models.compact_ssd); other models take none.
     config.model.width_mult = 1.0      # multiplies every channel count
-    config.model.top_down = False      # FPN-style fusion of coarser maps into the two largest
-    config.model.num_maps = 5          # 5 source maps (strides 8..128) or 6 (adds stride 4)
+    config.model.top_down = False      # FPN-style fusion into the backbone's source maps (measured:
+                                       # 0.54 vs 0.64 mAP at 3000 steps, and 25% slower: off)
+    # 6 source maps (strides 4..128, COMPACT6_PRIORS, 3572 priors) or 5 (strides 8..128, 1524).
+    # With 5, 71% of the objects under 8% of the side have no prior at IoU 0.5; the stride-4 map
+    # took the 3000-step mAP from 0.68 to 0.74 (matching IoU 0.3) for 25% more time per step.
+    config.model.num_maps = 6
 
     # Data: ssd_jax.data.pipeline reads config.dataset (kind = synthetic | tfds | coco_json | voc_xml).
     config.dataset = ml_collections.ConfigDict()
     config.dataset.kind = "synthetic"
     config.dataset.seed = 0            # the synthetic images (independent of the training seed)
-    config.dataset.num_train = 6000    # synthetic training images, generated once and held in memory
+    config.dataset.num_train = 16000   # synthetic training images, generated once and held in memory
+                                       # (1.8 GB at 192 px, ~35 s; 6000 left a train/val mAP gap of
+                                       # 0.87/0.83, 16000 gave +0.015 val mAP)
     config.dataset.num_eval = 500      # synthetic validation images (a disjoint split)
     config.dataset.image_size = 192    # side of the generated images before augmentation/resize
     # The paper's augmentation (ssd_jax.data.augment), each step switchable. Zoom-out and min-IoU
     # crops pay off over 100k+ steps; in this 10-minute run they cost mAP (measured at 600 steps:
     # 0.09 with both, 0.17 without zoom-out, 0.26 without either), so the default keeps flips and
     # photometric distortion only. The VOC/COCO configs use the full set.
-    config.dataset.augment_photometric = True  # brightness, contrast, saturation, hue
+    config.dataset.augment_photometric = False  # brightness, contrast, saturation, hue (colours are
+                                                # random already: same mAP without, less CPU)
     config.dataset.augment_expand = False      # zoom out with p 0.5 onto a mean-filled canvas
     config.dataset.max_expand = 4.0            # largest zoom-out ratio (the paper's 4)
     config.dataset.augment_crop = False        # min-IoU random crop (7 samplers, 50 trials)
@@ -41,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     # On a 2-core CPU the compact model trains at ~100 img/s whatever the batch, so a fixed time
     # buys a fixed number of images; small batches turn them into more updates (same 19k images:
     # mAP 0.34 at batch 32, 0.43 at 16, 0.46 at 8).
-    config.num_train_steps = 8000      # optimizer updates
+    config.num_train_steps = 7000      # optimizer updates
     config.batch_size = 8              # global batch, split over all devices of all hosts
     config.optimizer = "adamw"         # "sgd" (momentum, Caffe-style L2) or "adamw"
     config.learning_rate = 1e-2        # peak learning rate (0.34 / 0.32 / 0.26 mAP at 1e-2 / 5e-3 / 3e-3)
@@ -58,7 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_checkpoint = ""        # orbax checkpoint whose params override the fresh init
 
     # The loss (ssd_jax.loss.multibox_loss) and matching.
-    config.matching_iou = 0.5          # prior <-> ground truth IoU threshold
+    # Prior <-> ground truth IoU threshold for positives (the paper: 0.5; the VOC/COCO configs keep
+    # it). The compact model's priors are sparse (1-2 per object at IoU 0.5, ~11 at 0.3), and more
+    # positives per object learn faster here: 3000-step mAP 0.52 / 0.70 / 0.74 at 0.5 / 0.4 / 0.3.
+    config.matching_iou = 0.3
     config.neg_pos_ratio = 3.0         # hard negatives per positive, per image
     config.loc_weight = 1.0            # alpha of the paper's L = (L_conf + alpha L_loc) / N
 
@@ -76,6 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
     # Bookkeeping.
     config.log_every_steps = 200
     config.eval_every_steps = 2000
-    config.checkpoint_every_steps = 1000
+    config.checkpoint_every_steps = 2000
     config.keep_checkpoints = 3
     return config

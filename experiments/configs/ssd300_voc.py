@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = "bfloat16"                      # accelerators; params stay float32
     config.init_checkpoint = ""                    # the converted ImageNet VGG16 (required in practice)
 
+    config.matching_iou = 0.5                      # the paper's positives (the default uses 0.3)
+    config.neg_pos_ratio = 3.0
     config.metric = "voc07"
     config.eval_batch_size = 64
     config.detect.pre_nms_top_k = 400              # the paper's inference settings

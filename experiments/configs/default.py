@@ -36,8 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     # crops pay off over 100k+ steps; in this 10-minute run they cost mAP (measured at 600 steps:
     # 0.09 with both, 0.17 without zoom-out, 0.26 without either), so the default keeps flips and
     # photometric distortion only. The VOC/COCO configs use the full set.
-    config.dataset.augment_photometric = False  # brightness, contrast, saturation, hue (colours are
-                                                # random already: same mAP without, less CPU)
+    config.dataset.augment_photometric = True  # brightness, contrast, saturation, hue
     config.dataset.augment_expand = False      # zoom out with p 0.5 onto a mean-filled canvas
     config.dataset.max_expand = 4.0            # largest zoom-out ratio (the paper's 4)
     config.dataset.augment_crop = False        # min-IoU random crop (7 samplers, 50 trials)
@@ -78,7 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.detect = ml_collections.ConfigDict()
     config.detect.score_threshold = 0.01
     config.detect.pre_nms_top_k = 200  # candidates per class before NMS (paper: 400 for SSD300)
-    config.detect.iou_threshold = 0.45
+    # NMS IoU (the paper: 0.45). Positives at IoU >= 0.3 spread the detections of one object
+    # wider; on this split 0.3 gave +0.006-0.009 mAP over 0.45 for the same checkpoints.
+    config.detect.iou_threshold = 0.3
     config.detect.max_detections = 100  # per image (paper: 200)
     config.num_eval_images_to_draw = 8  # validation images drawn with predictions (TensorBoard, PNG)
     config.draw_score_threshold = 0.3  # detections drawn on those images score above this

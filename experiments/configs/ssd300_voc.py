@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.metric = "voc07"
     config.eval_batch_size = 64
     config.detect.pre_nms_top_k = 400              # the paper's inference settings
+    config.detect.iou_threshold = 0.45
+    config.detect.score_threshold = 0.01
     config.detect.max_detections = 200
     config.log_every_steps = 100
     config.eval_every_steps = 10_000

@@ -77,8 +77,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.model.name={config.model.name!r} is unknown; "
                          f"choose one of {tuple(models.MODELS)}")
     try:  # builds the module description only (checks its options and prior spec); no compile
-        models.build_model(config.model.name, 2,
-                           **{k: v for k, v in config.model.items() if k != "name"})
+        models.build_model(config.model.name, 2, **_model_options(config))
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.model: {e}") from None
     if config.dtype not in DTYPES:
@@ -115,6 +114,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 # ----------------------------------------------------------------------------- model, optimizer
 
 
+def _model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.model's fields other than `name`: keyword options of the model's builder."""
+    return {k: v for k, v in config.model.items() if k != "name"}
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
                  axis_name: str | None = "data") -> models.SSD:
     """The SSD of `config.model.name` with `num_classes` (incl. background) in `config.dtype`.
@@ -122,8 +126,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
     BatchNorm layers (if any) reduce their batch statistics over `axis_name`: the data axis in
     the shard_mapped train step, None for plain inference outside it.
     """
-    options = {k: v for k, v in config.model.items() if k != "name"}
-    model = models.build_model(config.model.name, num_classes, DTYPES[config.dtype], **options)
+    model = models.build_model(config.model.name, num_classes, DTYPES[config.dtype],
+                               **_model_options(config))
     return model.clone(bn_axis_name=axis_name)
 
 

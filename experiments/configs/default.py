@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_boxes = 16              # ground truth per image, padded with label 0 ("no box")
 
     # Optimization.
-    # On a 2-core CPU the compact model trains at ~100 img/s whatever the batch, so a fixed time
+    # On a 2-core CPU the compact model trains at ~80-100 img/s whatever the batch, so a fixed time
     # buys a fixed number of images; small batches turn them into more updates (same 19k images:
     # mAP 0.34 at batch 32, 0.43 at 16, 0.46 at 8).
     config.num_train_steps = 7000      # optimizer updates

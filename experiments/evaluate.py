@@ -101,7 +101,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None,
         evaluator.add_batch(postprocess.Detections(*(train_lib.process_local(x) for x in dets)),
                             local)
     metrics = evaluator.result()
-    gts, dets, _ = evaluator._gathered()  # every process's images (as result() used them)
+    gts, dets = evaluator.records()  # every process's images, as result() scored them
     curves = evaluation.evaluate_voc(gts, dets, model.num_classes,
                                      use_07_metric=config.metric != "voc", return_curves=True)
     num_gt = []

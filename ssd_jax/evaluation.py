@@ -351,18 +351,16 @@ class DetectionEvaluator:
         self.detections.append(det)
         self.image_ids.append(image_id)
 
-    def _gathered(self) -> tuple[list[dict], list[dict], list[Any]]:
-        if jax.process_count() == 1:
-            return self.ground_truths, self.detections, self.image_ids
-        return _allgather_records(self.ground_truths, self.detections, self.image_ids)
+    def records(self) -> tuple[list[dict], list[dict]]:
+        """(ground truths, detections) of every image added on every process, one per image id.
 
-    def result(self) -> dict[str, Any]:
-        """The metrics of every image added (on all processes: a collective, same dict everywhere).
-
-        VOC: {"mAP", "AP": [classes 1..C-1]}; COCO: {"AP", "AP50", "AP75", "APs", "APm", "APl"}.
-        With class names, also "AP/<name>" per class (VOC) and "num_images".
+        A collective on several processes (all of them must call it). Images added twice with
+        the same id (the padded tail of a sharded dataset) count once; images without an id
+        always count. These are the lists `result()` scores.
         """
-        gts, dets, ids = self._gathered()
+        gts, dets, ids = self.ground_truths, self.detections, self.image_ids
+        if jax.process_count() > 1:
+            gts, dets, ids = _allgather_records(gts, dets, ids)
         seen: set[Any] = set()
         keep = []
         for i, image_id in enumerate(ids):
@@ -371,8 +369,15 @@ class DetectionEvaluator:
                     continue
                 seen.add(image_id)
             keep.append(i)
-        gts = [gts[i] for i in keep]
-        dets = [dets[i] for i in keep]
+        return [gts[i] for i in keep], [dets[i] for i in keep]
+
+    def result(self) -> dict[str, Any]:
+        """The metrics of every image added (on all processes: a collective, same dict everywhere).
+
+        VOC: {"mAP", "AP": [classes 1..C-1]}; COCO: {"AP", "AP50", "AP75", "APs", "APm", "APl"}.
+        With class names, also "AP/<name>" per class (VOC) and "num_images".
+        """
+        gts, dets = self.records()
         if self.metric == "coco":
             out: dict[str, Any] = dict(evaluate_coco(gts, dets))
         else:

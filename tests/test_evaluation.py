@@ -373,6 +373,9 @@ def test_evaluator_coco_and_repeated_image_ids():
     ref = evaluation.evaluate_coco(plain, dets)
     assert got["num_images"] == 20
     assert {k: got[k] for k in ref} == ref
+    rec_gts, rec_dets = ev.records()  # what evaluate's PR curves use: the same 20 images
+    assert len(rec_gts) == len(rec_dets) == 20
+    np.testing.assert_array_equal(rec_dets[0]["scores"], dets[0]["scores"])
 
 
 def test_gather_packing_round_trip():

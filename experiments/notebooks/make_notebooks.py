@@ -36,6 +36,9 @@ def pip(*args):
 
 ROOT = find_repo_root()
 if ROOT is None:  # e.g. a fresh Colab runtime: clone the repository first
+    if not REPO_URL:
+        raise ValueError("not inside an ssd_jax clone: set REPO_URL (parameters cell) to the "
+                         "git URL of the ssd_jax repository, or clone it and open the notebook there")
     subprocess.run(["git", "clone", "--depth=1", REPO_URL, "ssd_jax"], check=True)
     ROOT = os.path.abspath("ssd_jax")
 if not SMOKE:  # inside a clone this is an editable install of the checkout
@@ -48,6 +51,8 @@ print("repository:", ROOT)
 
 def _nb(cells: list) -> nbformat.NotebookNode:
     nb = new_notebook(cells=cells)
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what changed
+        cell["id"] = f"cell-{i:02d}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
@@ -74,7 +79,7 @@ def colab_tpu() -> nbformat.NotebookNode:
            "cell on a CPU in about a minute with a tiny synthetic dataset (used by the tests)."),
         _params(
             "SMOKE = False                 # True: tiny CPU run (synthetic data, few steps, no downloads)\n"
-            "REPO_URL = \"https://github.com/<owner>/ssd_jax.git\"  # placeholder: this repository\n"
+            "REPO_URL = \"\"  # git URL of your ssd_jax repository; needed only outside a clone\n"
             "DATA_DIR = \"/content/tensorflow_datasets\"  # where TFDS prepares VOC (or gs://bucket/...)\n"
             "WORKDIR = \"/content/ssd300_voc\"  # checkpoints, TensorBoard logs, eval report\n"
             "NUM_TRAIN_STEPS = 120_000     # the paper's schedule (lr x0.1 at 80k and 100k)\n"
@@ -196,7 +201,7 @@ def inference() -> nbformat.NotebookNode:
            "and uses synthetic images: no downloads."),
         _params(
             "SMOKE = False       # True: random torchvision weights and synthetic images (no downloads)\n"
-            "REPO_URL = \"https://github.com/<owner>/ssd_jax.git\"  # placeholder: this repository\n"
+            "REPO_URL = \"\"  # git URL of your ssd_jax repository; needed only outside a clone\n"
             "WORKDIR = \"\"        # training workdir (run_info.json, checkpoints/); empty: torchvision\n"
             "TORCHVISION_PTH = \"\"  # a local ssd300_vgg16 .pth; empty: torchvision downloads COCO_V1\n"
             "IMAGES = \"\"         # image files/folders, comma separated; empty: two COCO val2017 images\n"

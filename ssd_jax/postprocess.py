@@ -112,8 +112,15 @@ def detect(
     max_detections: int = 200,
     variances: box_coder.Variances = (0.1, 0.2),
     nms_tile_size: int = 32,
+    max_candidate_priors: int = 1024,
 ) -> Detections:
     """Detections from SSD head outputs, as the paper and torchvision's postprocess_detections.
+
+    When no image of the batch has more than `max_candidate_priors` priors with a foreground
+    score above the threshold (a trained model's outputs: a few hundred), those priors are first
+    compacted (`nonzero`), so the per-class top-k runs over them instead of over all P priors;
+    otherwise (e.g. an untrained model) over all priors. The choice is made on device for the
+    whole batch (`lax.cond`) and both routes give identical results.
 
     Args:
       cls_logits: [B, P, C] class logits (C counts background, class 0), any float dtype.
@@ -125,11 +132,12 @@ def detect(
       max_detections: detections kept per image after NMS (the paper's 200).
       variances: box coder variances (0.1, 0.2).
       nms_tile_size: tile of the NMS (a speed knob only; results do not depend on it).
+      max_candidate_priors: size of the compacted prior set (a speed knob only; 0: never compact).
 
     Returns:
       Detections with K = min(max_detections, (C-1) * min(pre_nms_top_k, P)) rows per image.
     """
-    num_priors, num_classes = cls_logits.shape[-2], cls_logits.shape[-1]
+    num_priors = cls_logits.shape[-2]
     top_k = min(pre_nms_top_k, num_priors)
     scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)
     priors = jnp.asarray(priors, jnp.float32)
@@ -139,25 +147,48 @@ def detect(
     boxes = jax.lax.map(
         lambda offsets: jnp.clip(box_coder.decode(offsets, priors, variances), 0.0, 1.0),
         box_preds)  # [B, P, 4]
-    batch = scores.shape[0]
+    fg = scores[..., 1:]  # [B, P, C-1]
+    args = (score_threshold, top_k, iou_threshold, max_detections, nms_tile_size)
+    m = min(max(max_candidate_priors, top_k), num_priors)
+    if max_candidate_priors <= 0 or m == num_priors:
+        return _per_class_detect(fg, boxes, *args)
+    candidate = jnp.any(fg > score_threshold, axis=2)  # [B, P]
 
-    # Per class: threshold, then the top_k best (the invalid ones sort last, as -inf).
-    fg = jnp.swapaxes(scores[..., 1:], 1, 2)  # [B, C-1, P]
+    def compacted():
+        idx = jax.vmap(lambda c: jnp.nonzero(c, size=m, fill_value=0)[0])(candidate)  # [B, m]
+        real = jnp.arange(m) < jnp.sum(candidate, axis=1, keepdims=True)
+        fg_m = jnp.where(real[..., None], jnp.take_along_axis(fg, idx[..., None], axis=1),
+                         -jnp.inf)
+        return _per_class_detect(fg_m, jnp.take_along_axis(boxes, idx[..., None], axis=1), *args)
+
+    fits = jnp.max(jnp.sum(candidate, axis=1)) <= m
+    return jax.lax.cond(fits, compacted, lambda: _per_class_detect(fg, boxes, *args))
+
+
+def _per_class_detect(fg: jnp.ndarray, boxes: jnp.ndarray, score_threshold: float, top_k: int,
+                      iou_threshold: float, max_detections: int, tile: int) -> Detections:
+    """fg [B, N, C-1] scores and boxes [B, N, 4] of N (candidate) priors, in prior order.
+
+    Per class: threshold, the top_k best (invalid ones sort last, as -inf), greedy NMS; then the
+    best max_detections over all classes (top_k ties: lower class first, then lower prior).
+    """
+    batch, num_fg = fg.shape[0], fg.shape[2]
+    k = min(top_k, fg.shape[1])
+    fg = jnp.swapaxes(fg, 1, 2)  # [B, C-1, N]
     fg = jnp.where(fg > score_threshold, fg, -jnp.inf)
-    cand_scores, cand_idx = jax.lax.top_k(fg, top_k)  # [B, C-1, k], sorted descending
+    cand_scores, cand_idx = jax.lax.top_k(fg, k)  # [B, C-1, k], sorted descending
     valid = cand_scores > -jnp.inf
     cand_boxes = jax.vmap(lambda b, i: b[i])(boxes, cand_idx)  # [B, C-1, k, 4]
 
-    n = batch * (num_classes - 1)
-    keep = nms_padded(cand_boxes.reshape(n, top_k, 4), valid.reshape(n, top_k),
-                      iou_threshold, nms_tile_size).reshape(valid.shape)
+    n = batch * num_fg
+    keep = nms_padded(cand_boxes.reshape(n, k, 4), valid.reshape(n, k),
+                      iou_threshold, tile).reshape(valid.shape)
 
-    # The best max_detections survivors over all classes.
-    k_out = min(max_detections, (num_classes - 1) * top_k)
+    k_out = min(max_detections, num_fg * top_k)
     flat_scores = jnp.where(keep, cand_scores, -jnp.inf).reshape(batch, -1)
     best, order = jax.lax.top_k(flat_scores, k_out)  # [B, K]
     found = best > -jnp.inf
-    classes = (order // top_k + 1).astype(jnp.int32)
+    classes = (order // k + 1).astype(jnp.int32)
     out_boxes = jnp.take_along_axis(cand_boxes.reshape(batch, -1, 4), order[..., None], axis=1)
     return Detections(
         boxes=jnp.where(found[..., None], out_boxes, 0.0),

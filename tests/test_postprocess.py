@@ -76,8 +76,9 @@ def assert_matches_torchvision(dets: postprocess.Detections, ref: list[dict], si
         np.testing.assert_allclose(scores, r["scores"], rtol=1e-5, atol=1e-7)
         # Same order up to exact score ties: compare (score, class, box) as sets within a tie.
         assert np.all(np.diff(scores) <= 0)
-        order_ours = np.lexsort((classes, -np.round(scores, 6)))
-        order_ref = np.lexsort((r["labels"], -np.round(r["scores"], 6)))
+        ref_boxes = np.round(r["boxes"] / size, 3)
+        order_ours = np.lexsort((*np.round(boxes, 3).T[::-1], classes, -np.round(scores, 6)))
+        order_ref = np.lexsort((*ref_boxes.T[::-1], r["labels"], -np.round(r["scores"], 6)))
         np.testing.assert_array_equal(classes[order_ours], r["labels"][order_ref])
         np.testing.assert_allclose(boxes[order_ours], r["boxes"][order_ref] / size, atol=1e-4)
         # padding rows
@@ -176,3 +177,58 @@ def _iou(a, b):
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union
+
+
+def _pairs_above(logits: np.ndarray, threshold: float = 0.01, per_prior: bool = False):
+    """In numpy: [B, C-1] pairs (prior, class) above the threshold per class, or with
+    per_prior [B, P], whether any foreground class of the prior is above it."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    above = p[..., 1:] > threshold
+    return np.any(above, axis=2) if per_prior else np.sum(above, axis=1)
+
+
+def test_compacted_route_matches_torchvision_and_the_dense_route():
+    """Trained-like outputs take the compacted route (checked in numpy); it equals the route over
+    all priors bit for bit, and torchvision, also with exact score ties across priors/classes."""
+    rng = np.random.default_rng(4)
+    pri = priors.generate_priors(SMALL_SPEC)
+    logits, offsets = trained_like_outputs(rng, 4, pri.shape[0], 21, num_candidates=120)
+    # Exact ties across priors and classes: prior p has score 0.5 for class c1, a later prior q
+    # 0.5 for a lower class c2 (the other logits underflow, so both softmax sums are exactly 2).
+    tied = logits.copy()
+    for b in range(tied.shape[0]):
+        for p_, q_ in rng.choice(pri.shape[0], (10, 2), replace=False):
+            c2, c1 = sorted(rng.choice(np.arange(1, 21), 2, replace=False))
+            for prior, c in ((min(p_, q_), c1), (max(p_, q_), c2)):
+                tied[b, prior] = -100.0
+                tied[b, prior, [0, c]] = 0.0
+    for lg in (logits, tied):
+        candidate_priors = np.sum(_pairs_above(lg, per_prior=True), axis=1)
+        assert 50 < candidate_priors.min() and candidate_priors.max() <= 400  # compacted route
+        sparse = jax.device_get(jax.jit(lambda c, b: postprocess.detect(
+            c, b, pri, max_candidate_priors=400))(lg, offsets))  # 400 of the 832 priors
+        dense = jax.device_get(jax.jit(lambda c, b: postprocess.detect(
+            c, b, pri, max_candidate_priors=0))(lg, offsets))
+        for a, b in zip(sparse, dense, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert_matches_torchvision(sparse, torchvision_detect(lg, offsets, pri))
+
+
+@pytest.mark.parametrize("max_priors, top_k", [(30, 5), (150, 5), (150, 400)])
+def test_routes_at_their_limits(max_priors, top_k):
+    """An image with more candidate priors than the compacted set (30: the route over all
+    priors), a top-k that cuts a class (5), and a compacted set below the top-k (150 < 400,
+    which compacts to 400) all give torchvision's result."""
+    rng = np.random.default_rng(5)
+    pri = priors.generate_priors(SMALL_SPEC)
+    logits, offsets = trained_like_outputs(rng, 3, pri.shape[0], 6, num_candidates=60)
+    candidate_priors = np.sum(_pairs_above(logits, per_prior=True), axis=1)
+    assert candidate_priors.max() > 30 and candidate_priors.max() <= 150
+    if top_k == 5:
+        assert _pairs_above(logits).max() > 5  # a class is cut by top-k
+    fn = jax.jit(lambda c, b: postprocess.detect(c, b, pri, pre_nms_top_k=top_k,
+                                                 max_candidate_priors=max_priors))
+    assert_matches_torchvision(fn(logits, offsets),
+                               torchvision_detect(logits, offsets, pri, top_k=top_k))

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,3 +21,22 @@ def test_benchmark_quick_smoke_run_prints_a_table():
     for row in ("model/forward compact b=1 fp32", "model/train_step compact b=2 fp32"):
         line = next(ln for ln in out.splitlines() if ln.startswith(row))
         assert float(line.split()[len(row.split())]) > 0.0, line
+
+
+def test_targets_verdicts():
+    from experiments import benchmark
+    from experiments.benchmarks.common import Row
+
+    (train_b64, target), (train_fp32, _), (infer_b64, _), _ = benchmark.TARGETS
+    rows = [Row(train_b64, target + 1.0, 440.0), Row(train_fp32, 10.0), Row(infer_b64, 0.5)]
+    lines = benchmark.format_targets(rows, "TPU v5 lite").splitlines()
+    assert "this device: TPU v5 lite" in lines[0]
+    verdicts = [ln.rsplit("img/s", 1)[1].strip() for ln in lines[1:]]
+    assert verdicts == ["met", "NOT met", "NOT met", "not run"]
+
+
+def test_targets_refuses_other_row_selections():
+    from experiments import benchmark
+
+    with pytest.raises(SystemExit):
+        benchmark.main(["--targets", "--quick"])

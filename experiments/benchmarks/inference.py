@@ -131,6 +131,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     except ImportError as e:
         print(f"(inference: torch/torchvision unavailable ({e}); ours only, random weights)")
 
+    cases = getattr(args, "inference_cases", None)
+    if cases:  # explicit (batch, dtype) pairs, e.g. the --targets rows
+        batches = sorted({b for b, _ in cases})
+        dtypes = list(dict.fromkeys(d for _, d in cases))
     rows = []
     for dtype_name in dtypes:
         dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
@@ -138,6 +142,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         variables = jax.device_put(variables)
         infer = make_inference_fn(model)
         for batch in batches:
+            if cases and (batch, dtype_name) not in cases:
+                continue
             host = images_batch(batch)
             images = jax.device_put(host)
             dets = jax.device_get(infer(variables, images))

@@ -155,10 +155,11 @@ def run(args: argparse.Namespace) -> list[Row]:
     batches = getattr(args, "model_batch", None) or ("1" if quick else ("2" if on_cpu else "1,32,64"))
     dtypes = getattr(args, "model_dtypes", None) or (
         getattr(args, "dtype", "fp32") if on_cpu or quick else "fp32,bf16")
+    cases = getattr(args, "model_cases", None) or [
+        (int(b), d) for d in str(dtypes).split(",") if d for b in str(batches).split(",") if b]
     rows = []
-    for dtype_name in [d for d in str(dtypes).split(",") if d]:
-        for batch in [int(b) for b in str(batches).split(",") if b]:
-            rows += _run_one(args, batch, dtype_name, quick)
+    for batch, dtype_name in cases:
+        rows += _run_one(args, batch, dtype_name, quick)
     return rows
 
 

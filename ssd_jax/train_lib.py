@@ -23,11 +23,10 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -38,6 +37,9 @@ from jax.sharding import PartitionSpec as P
 
 from ssd_jax import loss as loss_lib
 from ssd_jax import matching, models, postprocess, priors
+
+if TYPE_CHECKING:  # the steps read a config by attribute only: no ml_collections on a bare host
+    import ml_collections
 
 DATASET_KINDS = ("synthetic", "tfds", "coco_json", "voc_xml")
 METRICS = ("voc07", "voc", "coco")
@@ -347,6 +349,8 @@ def load_for_inference(workdir: str, step: int | None = None
     `model.apply(variables, images)`. Raises FileNotFoundError naming what is missing.
     """
     import json
+
+    import ml_collections
 
     path = os.path.join(workdir, RUN_INFO)
     if not os.path.exists(path):

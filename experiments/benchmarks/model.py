@@ -1,7 +1,10 @@
 """Model suite: forward and train-step throughput of SSD300 and the compact model.
 
-The train step is value + grad + SGD momentum update with `match_batch` and `multibox_loss`
-inside the jitted step, on synthetic data already on the device. The peer is torchvision's
+The train step is the product's: `train_lib.make_steps(config, model, tx).train` (the shard_mapped,
+jitted step that `train_and_evaluate` runs: `match_batch`, forward, `multibox_loss` with hard
+negative mining, value + grad, SGD momentum + weight decay, state donated) with the optimizer of
+`train_lib.create_optimizer`, under the training fields of experiments/configs/ssd300_voc.py
+(`voc_train_config`), on synthetic data already on the device. The peer is torchvision's
 ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and the train step
 `model(images, targets)` loss + backward + SGD. The compact model has no peer; its row notes
 its cost relative to SSD300 (forward+backward time per image).
@@ -12,18 +15,12 @@ its cost relative to SSD300 (forward+backward time per image).
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments.benchmarks.common import Row, time_jax, time_torch
-from ssd_jax import models
-from ssd_jax.loss import multibox_loss
-from ssd_jax.matching import match_batch
-from ssd_jax.priors import generate_priors
+from ssd_jax import models, train_lib
 
 MODEL_NAMES = ("ssd300_vgg16", "compact")
 NUM_CLASSES = 21
@@ -56,49 +53,51 @@ def _synthetic(batch: int, size: int, seed: int = 0):
     return images, boxes, labels
 
 
-def _make_train_step(model: models.SSD, priors: np.ndarray, tx: optax.GradientTransformation):
-    priors = jnp.asarray(priors)
+class _Config(dict):
+    """Attribute access over a dict: what train_lib reads of a ConfigDict, without ml_collections
+    (absent on a bare accelerator host)."""
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, batch_stats, opt_state, images, boxes, labels):
-        def loss_fn(p):
-            variables = {"params": p}
-            if batch_stats is not None:
-                variables["batch_stats"] = batch_stats
-                (cls, box), upd = model.apply(variables, images, train=True,
-                                              mutable=["batch_stats"])
-                new_stats = upd["batch_stats"]
-            else:
-                cls, box = model.apply(variables, images, train=True)
-                new_stats = None
-            cls_t, box_t = match_batch(boxes, labels, priors)
-            loss, _ = multibox_loss(cls, box, cls_t, box_t)
-            return loss, new_stats
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    return step
+    __getattr__ = dict.__getitem__
 
 
-def _time_ours(name: str, batch: int, dtype, timing: dict) -> tuple[float, float]:
+#: The fields of experiments/configs/ssd300_voc.py that the train step and optimizer read
+#: (tests/test_benchmark.py checks that they still agree).
+VOC_TRAIN_FIELDS = dict(
+    seed=0, init_checkpoint="", matching_iou=0.5, neg_pos_ratio=3.0, loc_weight=1.0,
+    optimizer="sgd", learning_rate=1e-3, schedule="piecewise", lr_boundaries=(80_000, 100_000),
+    lr_decay=0.1, warmup_steps=1000, warmup_start_factor=1.0 / 3, momentum=0.9,
+    weight_decay=5e-4, num_train_steps=120_000, grad_clip_norm=0.0,
+)
+
+
+def voc_train_config(name: str, dtype_name: str) -> _Config:
+    """The SSD300 VOC recipe's step-relevant config for model `name` in fp32 or bf16 compute."""
+    return _Config(VOC_TRAIN_FIELDS, model=_Config(name=name),
+                   dtype="bfloat16" if dtype_name == "bf16" else "float32")
+
+
+def _time_ours(name: str, batch: int, dtype_name: str, timing: dict) -> tuple[float, float]:
     """(forward, train step) seconds per call of our model `name`."""
-    model = models.build_model(name, NUM_CLASSES, dtype)
+    config = voc_train_config(name, dtype_name)
+    model = train_lib.create_model(config, NUM_CLASSES)
     size = model.prior_spec.image_size
-    variables = models.init_variables(model, jax.random.key(0))
-    images, boxes, labels = (jax.device_put(a) for a in _synthetic(batch, size))
+    images, boxes, labels = _synthetic(batch, size)
 
-    fwd = jax.jit(lambda v, x: model.apply(v, x))
-    t_fwd = time_jax(lambda: fwd(variables, images), **timing)
+    plain = model.clone(bn_axis_name=None)  # the forward runs outside shard_map
+    variables = models.init_variables(plain, jax.random.key(0))
+    fwd = jax.jit(lambda v, x: plain.apply(v, x))
+    dev_images = jax.device_put(images)
+    t_fwd = time_jax(lambda: fwd(variables, dev_images), **timing)
 
-    tx = optax.sgd(1e-3, momentum=0.9)
-    step = _make_train_step(model, generate_priors(model.prior_spec), tx)
-    state = [variables["params"], variables.get("batch_stats"), tx.init(variables["params"])]
+    tx = train_lib.create_optimizer(config)
+    steps = train_lib.make_steps(config, model, tx, jax.make_mesh((1,), ("data",)))
+    state = [jax.device_put(train_lib.create_train_state(config, model, tx), steps.replicated)]
+    data = steps.global_batch({"image": images, "boxes": boxes, "labels": labels},
+                              ("image", "boxes", "labels"))
 
     def run_step():
-        state[0], state[1], state[2], loss = step(*state, images, boxes, labels)
-        return loss
+        state[0], metrics = steps.train(state[0], data)
+        return metrics["loss"]
 
     t_step = time_jax(run_step, **timing)
     return t_fwd, t_step
@@ -164,13 +163,12 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def _run_one(args: argparse.Namespace, batch: int, dtype_name: str, quick: bool) -> list[Row]:
-    dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
     names = [n for n in getattr(args, "model_names", ",".join(MODEL_NAMES)).split(",") if n]
     timing = (dict(warmup=1, min_time=0.2, min_iters=1) if quick
               else dict(warmup=2, min_time=2.0, min_iters=3))
     tag = f"b={batch} {dtype_name}"
 
-    ours = {name: _time_ours(name, batch, dtype, timing) for name in names}
+    ours = {name: _time_ours(name, batch, dtype_name, timing) for name in names}
     peer = (None, None)
     if not getattr(args, "no_peer", False) and "ssd300_vgg16" in names:
         try:

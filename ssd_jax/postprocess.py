@@ -16,7 +16,9 @@ each tile is first suppressed by the kept boxes of the earlier tiles (one [N,T,T
 earlier tile), then by itself through a fixed-point iteration on its [N,T,T] suppression matrix,
 whose unique fixed point is the greedy result. Only tiles that hold a candidate above the
 threshold in some class are visited (a `while_loop` bound), so a trained model's outputs, where
-a class has a handful of candidates, cost one tile.
+a class has a handful of candidates, cost one tile. Before step 2, the priors with any class
+above the threshold are compacted (at most `max_candidate_priors` per image, else all priors
+are used), so the per-class top-k does not sort every prior of every class.
 """
 
 from __future__ import annotations

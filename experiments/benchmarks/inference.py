@@ -1,11 +1,11 @@
 """Suite `inference`: end-to-end SSD300 inference, images -> final fixed-size detections.
 
-Ours: one jitted function of uint8 images already on the device: the network (model.apply),
-decode, per-class NMS and the final top 200 (`postprocess.detect` with torchvision's settings:
-score > 0.01, top 400 per class, NMS 0.45, 200 per image). The peer: torchvision's ssd300_vgg16
-in eval mode, `model(images)` end to end (its transform normalizes and resizes, which is the
-identity at 300x300, then backbone, head and `postprocess_detections`), on [0,1] float images
-already on its device.
+Ours: `experiments.predict`'s jitted function of uint8 images already on the device: the
+network (model.apply), decode, per-class NMS and the final top 200 (`postprocess.detect` with
+torchvision's settings: score > 0.01, top 400 per class, NMS 0.45, 200 per image). The peer:
+torchvision's ssd300_vgg16 in eval mode, `model(images)` end to end (its transform normalizes
+and resizes, which is the identity at 300x300, then backbone, head and `postprocess_detections`),
+on [0,1] float images already on its device.
 
 Both nets compute the same function: a seeded torchvision model whose classification head is
 scaled so that background dominates (outputs shaped like a trained model's: a few hundred
@@ -16,8 +16,9 @@ outputs float32) and the peer under `torch.autocast(bfloat16)`.
     python -m experiments.benchmark --suite inference [--inference-batches 1,32,64]
         [--inference-dtypes fp32,bf16] [--quick] [--no-peer]
 
-Imports only jax/numpy/ssd_jax's core at module level (torch lazily, for the weights and peer);
-without torch the suite times ours on a randomly initialized SSD300 of the same shape.
+Imports jax/numpy, ssd_jax's core and experiments.predict (absl, Pillow) at module level, torch
+lazily (for the weights and the peer); without torch the suite times ours on a randomly
+initialized SSD300 of the same shape.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import predict
 from experiments.benchmarks.common import Row, time_jax, time_torch
-from ssd_jax import models, postprocess, priors
+from ssd_jax import models, priors
 
 NUM_CLASSES = 91  # torchvision's COCO head
 DETECT = {"score_threshold": 0.01, "pre_nms_top_k": 400, "iou_threshold": 0.45,
@@ -73,15 +75,9 @@ def our_model(state_dict: Any | None, dtype: Any) -> tuple[models.SSD, Any]:
 
 
 def make_inference_fn(model: models.SSD) -> Any:
-    """jit(variables, uint8 images [B,300,300,3]) -> postprocess.Detections (fixed size)."""
-    prior_boxes = priors.generate_priors(model.prior_spec)
-
-    @jax.jit
-    def infer(variables, images):
-        cls_logits, box_preds = model.apply(variables, images)
-        return postprocess.detect(cls_logits, box_preds, prior_boxes, **DETECT)
-
-    return infer
+    """jit(variables, uint8 images [B,300,300,3]) -> postprocess.Detections (fixed size): the
+    function `python -m experiments.predict` runs, with torchvision's detection settings."""
+    return predict.make_detect_fn(model, DETECT)
 
 
 def images_batch(batch: int, seed: int = 0) -> np.ndarray:

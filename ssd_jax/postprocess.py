@@ -155,42 +155,42 @@ def detect(
     if max_candidate_priors <= 0 or m == num_priors:
         return _per_class_detect(fg, boxes, *args)
     candidate = jnp.any(fg > score_threshold, axis=2)  # [B, P]
+    count = jnp.sum(candidate, axis=1, keepdims=True)  # [B, 1]
 
     def compacted():
         idx = jax.vmap(lambda c: jnp.nonzero(c, size=m, fill_value=0)[0])(candidate)  # [B, m]
-        real = jnp.arange(m) < jnp.sum(candidate, axis=1, keepdims=True)
+        real = jnp.arange(m) < count
         fg_m = jnp.where(real[..., None], jnp.take_along_axis(fg, idx[..., None], axis=1),
                          -jnp.inf)
         return _per_class_detect(fg_m, jnp.take_along_axis(boxes, idx[..., None], axis=1), *args)
 
-    fits = jnp.max(jnp.sum(candidate, axis=1)) <= m
+    fits = jnp.max(count) <= m
     return jax.lax.cond(fits, compacted, lambda: _per_class_detect(fg, boxes, *args))
 
 
 def _per_class_detect(fg: jnp.ndarray, boxes: jnp.ndarray, score_threshold: float, top_k: int,
                       iou_threshold: float, max_detections: int, tile: int) -> Detections:
-    """fg [B, N, C-1] scores and boxes [B, N, 4] of N (candidate) priors, in prior order.
+    """fg [B, N, C-1] scores and boxes [B, N, 4] of N >= top_k (candidate) priors, in prior order.
 
     Per class: threshold, the top_k best (invalid ones sort last, as -inf), greedy NMS; then the
     best max_detections over all classes (top_k ties: lower class first, then lower prior).
     """
     batch, num_fg = fg.shape[0], fg.shape[2]
-    k = min(top_k, fg.shape[1])
     fg = jnp.swapaxes(fg, 1, 2)  # [B, C-1, N]
     fg = jnp.where(fg > score_threshold, fg, -jnp.inf)
-    cand_scores, cand_idx = jax.lax.top_k(fg, k)  # [B, C-1, k], sorted descending
+    cand_scores, cand_idx = jax.lax.top_k(fg, top_k)  # [B, C-1, k], sorted descending
     valid = cand_scores > -jnp.inf
     cand_boxes = jax.vmap(lambda b, i: b[i])(boxes, cand_idx)  # [B, C-1, k, 4]
 
     n = batch * num_fg
-    keep = nms_padded(cand_boxes.reshape(n, k, 4), valid.reshape(n, k),
+    keep = nms_padded(cand_boxes.reshape(n, top_k, 4), valid.reshape(n, top_k),
                       iou_threshold, tile).reshape(valid.shape)
 
     k_out = min(max_detections, num_fg * top_k)
     flat_scores = jnp.where(keep, cand_scores, -jnp.inf).reshape(batch, -1)
     best, order = jax.lax.top_k(flat_scores, k_out)  # [B, K]
     found = best > -jnp.inf
-    classes = (order // k + 1).astype(jnp.int32)
+    classes = (order // top_k + 1).astype(jnp.int32)
     out_boxes = jnp.take_along_axis(cand_boxes.reshape(batch, -1, 4), order[..., None], axis=1)
     return Detections(
         boxes=jnp.where(found[..., None], out_boxes, 0.0),

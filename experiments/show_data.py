@@ -1,59 +1,64 @@
-"""Write a PNG grid of augmented training samples with their boxes and class names.
+"""Write a PNG grid of augmented training samples (or eval images) with their boxes and names.
 
     python -m experiments.show_data --out=samples.png
-    python -m experiments.show_data --config=experiments/configs/ssd300_voc.py --out=voc.png
+    python -m experiments.show_data --config=ssd300_voc --config.dataset.data_dir=DIR --out=voc.png
 
-With no --config it shows the embedded default (synthetic shapes). The input side is
---image_size, else the model's prior spec input size when the config names a model, else 300.
+With no --config it shows the embedded default (synthetic shapes): only the --num_images images
+drawn are generated (the first ones of the split), not the whole training set. The input side is
+--image_size, else the config's model input size.
 """
 
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
-_DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+from ssd_jax import cli
+from ssd_jax.errors import UserError
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", _DEFAULT, "Configuration file (uses config.dataset).")
 flags.DEFINE_string("out", "samples.png", "Output PNG path.")
 flags.DEFINE_integer("num_images", 16, "Number of samples in the grid.")
-flags.DEFINE_integer("image_size", 0, "Input side; 0 = from the config's model, else 300.")
-flags.DEFINE_integer("step", 0, "Training step whose batch is shown.")
+flags.DEFINE_integer("image_size", 0, "Input side; 0 = the config's model input size.")
+flags.DEFINE_integer("step", 0, "Training step whose augmentation is shown.")
 flags.DEFINE_boolean("eval", False, "Show the (non-augmented) eval pipeline instead.")
 
-
-def _image_size(config) -> int:
-    if FLAGS.image_size:
-        return FLAGS.image_size
-    name = str(config.get("model", {}).get("name", ""))
-    if name == "compact":
-        from ssd_jax.models import COMPACT_PRIORS
-
-        return COMPACT_PRIORS.image_size
-    return 512 if "512" in name else 300
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def main(argv):
+def main(argv, config):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.num_images < 1:
+        raise UserError(f"--num_images must be >= 1, got {FLAGS.num_images}")
+    if os.path.isdir(FLAGS.out):
+        raise UserError(f"--out={FLAGS.out} is a folder; give a .png file path")
+    from ssd_jax import train_lib
     from ssd_jax.data import pipeline, visualize
 
-    config = FLAGS.config
-    size = _image_size(config)
-    info = pipeline.get_dataset_info(config.dataset)
-    max_boxes = int(config.get("max_boxes", 100))
+    if config.dataset.kind == "synthetic":  # generate only what is drawn
+        config.dataset.num_train = min(config.dataset.num_train, FLAGS.num_images)
+        config.dataset.num_eval = min(config.dataset.num_eval, FLAGS.num_images)
+    train_lib.validate_config(config)
+    size = FLAGS.image_size or train_lib.create_model(config, 2).prior_spec.image_size
+    data = pipeline.InputPipeline(config.dataset)
+    info = data.info()
     if FLAGS.eval:
-        batch = next(iter(pipeline.create_eval_iterator(
-            config.dataset, image_size=size, batch_size=FLAGS.num_images, max_boxes=max_boxes)))
+        batch = next(iter(data.eval_iterator(image_size=size, batch_size=FLAGS.num_images,
+                                             max_boxes=config.max_boxes)))
     else:
-        batch = next(pipeline.create_train_iterator(
-            config.dataset, image_size=size, batch_size=FLAGS.num_images, max_boxes=max_boxes,
-            seed=int(config.get("seed", 0)), start_step=FLAGS.step))
+        batch = next(data.train_iterator(image_size=size, batch_size=FLAGS.num_images,
+                                         max_boxes=config.max_boxes, seed=config.seed,
+                                         start_step=FLAGS.step))
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     visualize.save_sample_grid(batch, info.class_names, FLAGS.out, max_images=FLAGS.num_images)
-    logging.info("wrote %s (%d images of %dx%d; input repairs: %s)", FLAGS.out,
-                 FLAGS.num_images, size, size, pipeline.get_stats() or "none")
-    print(FLAGS.out)
+    print(f"wrote {FLAGS.out} ({FLAGS.num_images} {'eval' if FLAGS.eval else 'training'} images "
+          f"of {size}x{size}; input: {data.summary()})")
+
+
+def run():
+    """The `ssd-show-data` console script."""
+    cli.run(main, configs_dir=CONFIGS, default_config="default")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -6,20 +6,21 @@
   merge_params(initialized, loaded)   override the leaves present in `loaded` (e.g. a backbone)
 
 State dicts map names to arrays (torch tensors or numpy arrays). torch is imported lazily, only
-to read a .pth file; .safetensors files are read with numpy. Conv kernels go from torch's
+to read a .pth file; .safetensors files are read with `safetensors.numpy` (bfloat16 through
+ml_dtypes, which jax installs), without torch. Conv kernels go from torch's
 OIHW to Flax's HWIO; output channel order is kept, so the heads' [B,H,W,A*K] layout (anchor-major,
 then K) is the same as torchvision's [B,A*K,H,W] and the prior order is unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (a jax dependency; registers bfloat16 with numpy)
 import numpy as np
 
 from ssd_jax import models
@@ -43,7 +44,8 @@ _VGG_CHANNELS = {
 
 
 class StateDictError(ValueError):
-    """A state dict lacks a key or has a tensor of the wrong shape (the message names the key)."""
+    """A state dict lacks a key or has a tensor of the wrong shape (the message names the key), or a
+    weights file is not a readable state dict (the message names the file)."""
 
 
 def _to_numpy(v: Any) -> np.ndarray:
@@ -158,46 +160,64 @@ def vgg16_backbone_from_torchvision(state_dict: StateDict, include_fc: bool = Tr
 # ----------------------------------------------------------------------------- files
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A state dict from a .pth/.pt (torch.load, weights_only=True) or .safetensors file, as
-    float32 numpy arrays. A checkpoint dict wrapping the weights under "model" or "state_dict"
-    is unwrapped."""
-    if path.endswith(".safetensors"):
-        return _read_safetensors(path)
-    import torch  # lazily: only reading a .pth file needs torch
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A state dict from a .safetensors file (read with `safetensors.numpy`, no torch needed) or a
+    .pth/.pt file (torch.load, weights_only=True), as float32 numpy arrays. A checkpoint dict
+    wrapping the weights under "model" or "state_dict" is unwrapped; non-tensor entries are dropped.
 
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    Raises FileNotFoundError for a missing path and StateDictError (naming the file) for a file
+    that cannot be read as such a state dict (the underlying error is chained as its cause).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such state dict file: {path!r}")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    return _load_torch(path)
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        sd = load_file(path)
+    except Exception as e:  # SafetensorError (bad header/data), TypeError (unknown dtype), OSError
+        raise StateDictError(f"cannot read {path!r}: expected a .safetensors file of tensors "
+                             f"({_reason(e)})") from e
+    return {k: np.asarray(v).astype(np.float32) for k, v in sd.items()}
+
+
+def _load_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch  # lazily: only reading a .pth file needs torch
+    except ImportError as e:
+        raise ImportError(f"reading {path!r} needs torch (pip install torch), or convert the "
+                          f"file to .safetensors") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage unpickles into anything: IndexError, KeyError, EOFError...
+        raise StateDictError(f"cannot read {path!r}: expected a torch state dict saved with "
+                             f"torch.save (.pth/.pt; loaded with weights_only=True) "
+                             f"({_reason(e)})") from e
     for wrapper in ("model", "state_dict"):
         if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
             sd = sd[wrapper]
+    if not isinstance(sd, Mapping):
+        raise StateDictError(f"{path!r} holds a {type(sd).__name__}, expected a state dict "
+                             f"(a mapping of names to tensors)")
     return {k: _to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
 
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                       "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Minimal safetensors reader (8-byte little-endian header size, JSON header, raw data)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        raw = data[begin:end]
-        if info["dtype"] == "BF16":
-            arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _SAFETENSORS_DTYPES:
-            arr = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
-        else:
-            raise StateDictError(f"safetensors key {name!r} has unsupported dtype {info['dtype']}")
-        out[name] = arr.reshape(info["shape"]).astype(np.float32)
-    return out
+def _reason(e: BaseException, limit: int = 160) -> str:
+    """One line about `e`: its type and the telling line of its message (for torch's weights-only
+    unpickler, the line after "WeightsUnpickler error:"), at most `limit` characters."""
+    msg, marker = str(e), "WeightsUnpickler error:"
+    if marker in msg:
+        msg = msg[msg.index(marker) + len(marker):]
+    line = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    if len(line) > limit:
+        line = line[:limit - 3] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def save_checkpoint(path: str, variables: Variables) -> None:

@@ -7,18 +7,22 @@ Inputs are per-image dicts of numpy arrays, boxes in normalized corner form (xmi
   detections:   ``boxes`` [D,4], ``scores`` [D], ``labels`` [D].
 
 `DetectionEvaluator` accumulates them from padded batches (`postprocess.Detections` plus the
-input batch) and is shared by the training loop and experiments/evaluate.py.
+input batch); `Evaluator` runs a predict function over the eval batches into one and returns the
+metrics: the one evaluation of the training loop and of experiments/evaluate.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+
+from ssd_jax.distributed import host_local
 
 Record = Mapping[str, Any]
 
@@ -255,18 +259,22 @@ def evaluate_coco(
     return {name: float(v) for name, v in zip(COCO_METRICS, coco_eval.stats[:6], strict=True)}
 
 
+def per_class_table(class_names: Sequence[str], aps: Sequence[float], num_gt: Sequence[int],
+                    title: str = "AP") -> str:
+    """A plain-text table: class, AP (or '-' without ground truth), #gt; then the mean."""
+    width = max([len("class")] + [len(n) for n in class_names])
+    col = max(8, len(title))
+    lines = [f"{'class':<{width}}  {title:>{col}}  {'#gt':>6}", "-" * (width + col + 10)]
+    for name, ap, n in zip(class_names, aps, num_gt):
+        value = f"{ap:{col}.4f}" if not math.isnan(ap) else f"{'-':>{col}}"
+        lines.append(f"{name:<{width}}  {value}  {n:6d}")
+    valid = [a for a in aps if not math.isnan(a)]
+    mean = f"{np.mean(valid):{col}.4f}" if valid else f"{'-':>{col}}"
+    lines += ["-" * (width + col + 10), f"{'mean':<{width}}  {mean}  {sum(num_gt):6d}"]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the accumulator
-
-
-def _host_local(x: Any) -> np.ndarray:
-    """A numpy copy of this process's rows of x (a numpy array or a possibly global jax.Array)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        shards: dict[Any, np.ndarray] = {}
-        for s in x.addressable_shards:  # replicated shards appear once
-            key = tuple((i.start or 0) for i in s.index) if s.index else ()
-            shards.setdefault(key, np.asarray(s.data))
-        return np.concatenate([shards[k] for k in sorted(shards)], axis=0)
-    return np.asarray(jax.device_get(x))
 
 
 class DetectionEvaluator:
@@ -316,18 +324,18 @@ class DetectionEvaluator:
             `difficult` [B,M] bool, `iscrowd` [B,M], `image_size` int [B,2] (height, width),
             `mask` bool [B] (False: a padding example, skipped), `image_id` [B].
         """
-        det_boxes = _host_local(detections.boxes)
-        det_scores = _host_local(detections.scores)
-        det_classes = _host_local(detections.classes)
-        num = _host_local(detections.num_detections)
-        boxes = _host_local(batch["boxes"])
-        labels = _host_local(batch["labels"])
-        sizes = _host_local(batch["image_size"])
+        det_boxes = host_local(detections.boxes)
+        det_scores = host_local(detections.scores)
+        det_classes = host_local(detections.classes)
+        num = host_local(detections.num_detections)
+        boxes = host_local(batch["boxes"])
+        labels = host_local(batch["labels"])
+        sizes = host_local(batch["image_size"])
         b = labels.shape[0]
-        difficult = _host_local(batch["difficult"]) if "difficult" in batch else None
-        iscrowd = _host_local(batch["iscrowd"]) if "iscrowd" in batch else None
-        mask = _host_local(batch["mask"]).astype(bool) if "mask" in batch else np.ones(b, bool)
-        ids = _host_local(batch["image_id"]) if "image_id" in batch else None
+        difficult = host_local(batch["difficult"]) if "difficult" in batch else None
+        iscrowd = host_local(batch["iscrowd"]) if "iscrowd" in batch else None
+        mask = host_local(batch["mask"]).astype(bool) if "mask" in batch else np.ones(b, bool)
+        ids = host_local(batch["image_id"]) if "image_id" in batch else None
         if det_scores.shape[0] != b:
             raise ValueError(f"detections have {det_scores.shape[0]} images, the batch {b}")
         for i in range(b):
@@ -358,6 +366,11 @@ class DetectionEvaluator:
         the same id (the padded tail of a sharded dataset) count once; images without an id
         always count. These are the lists `result()` scores.
         """
+        gts, dets, _ = self.records_with_ids()
+        return gts, dets
+
+    def records_with_ids(self) -> tuple[list[dict], list[dict], list[Any]]:
+        """`records()` and the image id of each (None where the batch had none); a collective."""
         gts, dets, ids = self.ground_truths, self.detections, self.image_ids
         if jax.process_count() > 1:
             gts, dets, ids = _allgather_records(gts, dets, ids)
@@ -369,7 +382,22 @@ class DetectionEvaluator:
                     continue
                 seen.add(image_id)
             keep.append(i)
-        return [gts[i] for i in keep], [dets[i] for i in keep]
+        return [gts[i] for i in keep], [dets[i] for i in keep], [ids[i] for i in keep]
+
+    def coco_results(self, category_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Every detection as a COCO result in the dataset's ids: {"image_id" (the batch's id),
+        "category_id" (`category_ids[label - 1]`, else the label), "bbox" pixel [x, y, w, h],
+        "score"}; what `COCO(annotations).loadRes` takes. A collective on several processes."""
+        gts, dets, ids = self.records_with_ids()
+        results = []
+        for gt, det, image_id in zip(gts, dets, ids, strict=True):
+            boxes = _xywh(det["boxes"], gt["size"])
+            for box, score, label in zip(boxes, det["scores"], det["labels"], strict=True):
+                label = int(label)
+                cat = int(category_ids[label - 1]) if category_ids else label
+                results.append({"image_id": image_id, "category_id": cat,
+                                "bbox": [float(v) for v in box], "score": float(score)})
+        return results
 
     def result(self) -> dict[str, Any]:
         """The metrics of every image added (on all processes: a collective, same dict everywhere).
@@ -388,6 +416,69 @@ class DetectionEvaluator:
                     out[f"AP/{name}"] = ap
         out["num_images"] = len(gts)
         return out
+
+
+class Evaluator:
+    """One pass of a model over evaluation batches -> metrics (big_vision's evaluator shape).
+
+        evaluator = Evaluator(predict_fn, batches, num_classes=21, metric="voc07",
+                              class_names=names)
+        metrics = evaluator.run(variables)     # {"mAP": ..., "AP": [...], "num_images": ...}
+
+    Used by the training loop (`train_lib.train_and_evaluate`) and by `experiments/evaluate.py`
+    alike, so both report the same number for the same checkpoint.
+
+    Args:
+      predict_fn: (variables, batch) -> `postprocess.Detections` of the batch's images ([b, K]
+        rows of this process, numpy or jax arrays); `batch` is one element of `batches`.
+      batches: re-iterable dicts with "image", "boxes", "labels", "image_size", "mask", ... (the
+        `pipeline.EvalIterator` contract); each `run` is one full pass.
+      num_classes, metric, class_names: as `DetectionEvaluator`.
+      num_draw: keep the first `num_draw` images with their detections in `self.samples`
+        ("image", "boxes", "labels", "scores"), for pictures.
+      progress: a tqdm bar on stderr (process 0 only).
+
+    After `run`: `self.accumulator` holds every image (its `records()`, `coco_results()`).
+    """
+
+    def __init__(self, predict_fn: Any, batches: Any, *, num_classes: int, metric: str = "voc07",
+                 class_names: Sequence[str] | None = None, num_draw: int = 0,
+                 progress: bool = False):
+        self.predict_fn = predict_fn
+        self.batches = batches
+        self.num_draw = int(num_draw)
+        self.progress = progress
+        self.accumulator = DetectionEvaluator(num_classes, metric=metric, class_names=class_names)
+        self.samples: dict[str, np.ndarray] | None = None
+
+    def run(self, variables: Any) -> dict[str, Any]:
+        """Metrics of `variables` over one pass of the batches (a collective on several
+        processes: every process calls it and gets the same dict)."""
+        self.accumulator.reset()
+        drawn: list[dict[str, np.ndarray]] = []
+        batches = self.batches
+        if self.progress and jax.process_index() == 0:
+            import sys
+
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=len(self.batches) if hasattr(self.batches, "__len__")
+                           else None, desc="evaluate", unit="batch", file=sys.stderr)
+        for batch in batches:
+            dets = self.predict_fn(variables, batch)
+            dets = type(dets)(*(host_local(x) for x in dets))
+            self.accumulator.add_batch(dets, batch)
+            if sum(len(d["image"]) for d in drawn) < self.num_draw:
+                keep = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones(
+                    len(batch["image"]), bool)
+                drawn.append({"image": np.asarray(batch["image"])[keep],
+                              "boxes": dets.boxes[keep], "labels": dets.classes[keep],
+                              "scores": dets.scores[keep]})
+        self.samples = None
+        if drawn:
+            self.samples = {k: np.concatenate([d[k] for d in drawn])[:self.num_draw]
+                            for k in drawn[0]}
+        return self.accumulator.result()
 
 
 def _scalar_id(x: Any) -> Any:

@@ -37,11 +37,12 @@ from jax.sharding import PartitionSpec as P
 
 from ssd_jax import loss as loss_lib
 from ssd_jax import matching, models, postprocess, priors
+from ssd_jax.distributed import host_local
+from ssd_jax.errors import ConfigError, TrainingInterrupted, UserError, WorkdirMismatchError
 
 if TYPE_CHECKING:  # the steps read a config by attribute only: no ml_collections on a bare host
     import ml_collections
 
-DATASET_KINDS = ("synthetic", "tfds", "coco_json", "voc_xml")
 METRICS = ("voc07", "voc", "coco")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -68,49 +69,51 @@ class TrainState(struct.PyTreeNode):
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    num_processes: int | None = None) -> None:
-    """Raise ValueError naming the field for a config that cannot run; called before any compile."""
+                    num_processes: int | None = None, check_data: bool = True) -> None:
+    """Raise ConfigError naming the field for a config that cannot run; called before any compile.
+
+    With `check_data` (needs TensorFlow), config.dataset is checked too: the fields its kind
+    needs and the files and folders they name.
+    """
     num_devices = jax.device_count() if num_devices is None else num_devices
     num_processes = jax.process_count() if num_processes is None else num_processes
-    kind = config.dataset.get("kind")
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"config.dataset.kind={kind!r} is unknown; choose one of {DATASET_KINDS}")
+    if check_data:
+        from ssd_jax.data import sources
+
+        sources.validate_dataset_config(config.dataset)
     if config.model.name not in models.MODELS:
-        raise ValueError(f"config.model.name={config.model.name!r} is unknown; "
-                         f"choose one of {tuple(models.MODELS)}")
+        raise ConfigError(f"config.model.name={config.model.name!r} is unknown; "
+                          f"choose one of {tuple(models.MODELS)}")
     try:  # builds the module description only (checks its options and prior spec); no compile
         models.build_model(config.model.name, 2, **_model_options(config))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.model: {e}") from None
+        raise ConfigError(f"config.model: {e}") from None
     if config.dtype not in DTYPES:
-        raise ValueError(f"config.dtype={config.dtype!r} is unknown; choose one of {tuple(DTYPES)}")
+        raise ConfigError(f"config.dtype={config.dtype!r} is unknown; choose one of {tuple(DTYPES)}")
     if config.metric not in METRICS:
-        raise ValueError(f"config.metric={config.metric!r} is unknown; choose one of {METRICS}")
+        raise ConfigError(f"config.metric={config.metric!r} is unknown; choose one of {METRICS}")
     for name in ("batch_size", "eval_batch_size"):
         value = config.get(name)
         if not isinstance(value, int) or value <= 0 or value % num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{name}={value!r} must be a positive multiple of the device count "
                 f"({num_devices}); the global batch is split evenly over all devices")
         if (value // num_processes) % (num_devices // num_processes):
-            raise ValueError(f"config.{name}={value} does not split evenly over "
-                             f"{num_processes} processes")
+            raise ConfigError(f"config.{name}={value} does not split evenly over "
+                              f"{num_processes} processes")
     for name in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
         if int(config.get(name)) < 0:
-            raise ValueError(f"config.{name} must be >= 0, got {config.get(name)}")
+            raise ConfigError(f"config.{name} must be >= 0, got {config.get(name)}")
+    if int(config.log_every_steps) == 0:
+        raise ConfigError("config.log_every_steps must be >= 1")
     if config.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"config.optimizer={config.optimizer!r} must be 'sgd' or 'adamw'")
+        raise ConfigError(f"config.optimizer={config.optimizer!r} must be 'sgd' or 'adamw'")
     if config.schedule not in ("cosine", "piecewise"):
-        raise ValueError(f"config.schedule={config.schedule!r} must be 'cosine' or 'piecewise'")
-    if kind == "tfds":
-        data_dir = config.dataset.get("data_dir")
-        if not data_dir:
-            raise ValueError("config.dataset.data_dir is required for kind='tfds' "
-                             "(the folder tfds.builder(...).download_and_prepare() wrote)")
-        if not os.path.isdir(data_dir):
-            raise ValueError(f"config.dataset.data_dir={data_dir!r} does not exist")
+        raise ConfigError(f"config.schedule={config.schedule!r} must be 'cosine' or 'piecewise'")
+    if int(config.max_boxes) < 1:
+        raise ConfigError(f"config.max_boxes must be >= 1, got {config.max_boxes}")
     if config.init_checkpoint and not os.path.exists(config.init_checkpoint):
-        raise ValueError(f"config.init_checkpoint={config.init_checkpoint!r} does not exist")
+        raise ConfigError(f"config.init_checkpoint={config.init_checkpoint!r} does not exist")
 
 
 # ----------------------------------------------------------------------------- model, optimizer
@@ -242,19 +245,33 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
     return new_state, metrics
 
 
-def eval_step(state: TrainState, images: jax.Array, *, model: models.SSD,
+def eval_step(variables: dict[str, Any], images: jax.Array, *, model: models.SSD,
               prior_boxes: np.ndarray, config: ml_collections.ConfigDict) -> postprocess.Detections:
-    """Detections of this device's shard: images uint8 [b,S,S,3] -> `Detections` (fixed size)."""
-    cls, box, _ = _apply(model, state.params, state.batch_stats, images, train=False)
+    """Detections of this device's shard: images uint8 [b,S,S,3] -> `Detections` (fixed size).
+
+    variables: {"params": ..., "batch_stats": ... ({} without BatchNorm)}, e.g. `eval_variables(
+    state)` in training or a loaded checkpoint's variables in experiments/evaluate.py.
+    """
+    cls, box, _ = _apply(model, variables["params"], variables.get("batch_stats", {}), images,
+                         train=False)
     d = config.detect
     return postprocess.detect(cls, box, prior_boxes, score_threshold=d.score_threshold,
                               pre_nms_top_k=d.pre_nms_top_k, iou_threshold=d.iou_threshold,
                               max_detections=d.max_detections)
 
 
+def eval_variables(state: TrainState) -> dict[str, Any]:
+    """The variables the eval step and inference take, from a train state."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
 @dataclasses.dataclass
 class Steps:
-    """The jitted, shard_mapped steps over `mesh` and the shardings that feed them."""
+    """The jitted, shard_mapped steps over `mesh` and the shardings that feed them.
+
+    `train(state, batch) -> (state, metrics)`; `eval(variables, images) -> Detections` (variables
+    replicated, images sharded over "data"; `train` is None for an eval-only `make_eval_steps`).
+    """
 
     mesh: jax.sharding.Mesh
     train: Any
@@ -266,32 +283,37 @@ class Steps:
         """Per-host numpy batch -> global arrays sharded over "data" (explicit transfer)."""
         return {k: jax.make_array_from_process_local_data(self.data, local[k]) for k in keys}
 
+    def predict_fn(self) -> Any:
+        """(variables, eval batch of this host) -> this host's Detections: what
+        `evaluation.Evaluator` takes."""
+        def predict(variables, local):
+            dets = self.eval(variables, self.global_batch(local, ("image",))["image"])
+            return postprocess.Detections(*(host_local(x) for x in dets))
+
+        return predict
+
+
+def make_eval_steps(config: ml_collections.ConfigDict, model: models.SSD,
+                    mesh: jax.sharding.Mesh | None = None) -> Steps:
+    """The shard_mapped eval step alone (no optimizer): evaluation of a saved checkpoint."""
+    mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",))
+    prior_boxes = priors.generate_priors(model.prior_spec)
+    evaluate = jax.shard_map(
+        functools.partial(eval_step, model=model, prior_boxes=prior_boxes, config=config),
+        mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
+    return Steps(mesh=mesh, train=None, eval=jax.jit(evaluate),
+                 replicated=NamedSharding(mesh, P()), data=NamedSharding(mesh, P("data")))
+
 
 def make_steps(config: ml_collections.ConfigDict, model: models.SSD,
                tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None) -> Steps:
     """shard_map the per-device steps over a Mesh of all devices of all processes."""
-    mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",))
+    steps = make_eval_steps(config, model, mesh)
     prior_boxes = priors.generate_priors(model.prior_spec)
     train = jax.shard_map(
         functools.partial(train_step, model=model, tx=tx, prior_boxes=prior_boxes, config=config),
-        mesh=mesh, in_specs=(P(), P("data")), out_specs=(P(), P()))
-    evaluate = jax.shard_map(
-        functools.partial(eval_step, model=model, prior_boxes=prior_boxes, config=config),
-        mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
-    return Steps(mesh=mesh, train=jax.jit(train, donate_argnums=0), eval=jax.jit(evaluate),
-                 replicated=NamedSharding(mesh, P()), data=NamedSharding(mesh, P("data")))
-
-
-def process_local(x: jax.Array) -> np.ndarray:
-    """The rows of a batch-sharded global array that live on this process, in batch order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, parts = set(), []
-    for s in shards:
-        start = s.index[0].start or 0
-        if start not in seen:
-            seen.add(start)
-            parts.append(np.asarray(s.data))
-    return np.concatenate(parts, axis=0)
+        mesh=steps.mesh, in_specs=(P(), P("data")), out_specs=(P(), P()))
+    return dataclasses.replace(steps, train=jax.jit(train, donate_argnums=0))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -306,12 +328,22 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 
 def restore_or_init(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-    """The latest checkpoint's state if there is one (exact resume), else `state`."""
+    """The latest checkpoint's state if there is one (exact resume), else `state`.
+
+    WorkdirMismatchError when the checkpoint does not fit `state` (another model or optimizer).
+    """
     step = manager.latest_step()
     if step is None:
         return state
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise WorkdirMismatchError(
+            f"the checkpoint of step {step} in {manager.directory} does not fit the model and "
+            f"optimizer of this config ({first}). Use a new --workdir, or the config the run "
+            "was started with.") from None
     logging.info("resumed from checkpoint step %d", step)
     return restored
 
@@ -324,85 +356,96 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> None:
 
 RUN_INFO = "run_info.json"
 
+#: config fields a resumed run may change: run length, logging, eval and checkpoint cadence, and
+#: what evaluation reports (a field or a group; everything else must equal the workdir's run).
+RESUMABLE_FIELDS = ("num_train_steps", "log_every_steps", "eval_every_steps",
+                    "checkpoint_every_steps", "keep_checkpoints", "num_eval_images_to_draw",
+                    "draw_score_threshold", "eval_batch_size", "metric", "detect")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """'field: <saved> in the workdir, <now> now' for each field outside RESUMABLE_FIELDS whose
+    value differs (fields the saved run did not have are not compared)."""
+    import json
+
+    old = _flatten(saved)
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    diffs = []
+    for key in sorted(old):
+        if key.split(".")[0] in RESUMABLE_FIELDS:
+            continue
+        if key not in new:
+            diffs.append(f"{key}: {old[key]!r} in the workdir, not in this config")
+        elif new[key] != old[key]:
+            diffs.append(f"{key}: {old[key]!r} in the workdir, {new[key]!r} now")
+    return diffs
+
+
+def read_run_info(workdir: str) -> dict[str, Any] | None:
+    """WORKDIR/run_info.json as a dict, or None when there is none."""
+    import json
+
+    path = os.path.join(workdir, RUN_INFO)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Before a run touches `workdir`: it must be a writable folder (or creatable), and a run
+    already there must have the same config but for RESUMABLE_FIELDS (else
+    WorkdirMismatchError listing the fields that differ). Writes nothing but the folder."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirMismatchError(f"--workdir={workdir} is a file; give a folder")
+    info = read_run_info(workdir) if os.path.isdir(workdir) else None
+    if info is not None:
+        diffs = config_differences(info.get("config", {}), config)
+        if diffs:
+            shown = "\n  ".join(diffs[:12]) + ("\n  ..." if len(diffs) > 12 else "")
+            raise WorkdirMismatchError(
+                f"--workdir={workdir} holds a run with another config; to resume it, use the "
+                f"same values (they are in {os.path.join(workdir, RUN_INFO)}); for a new run, "
+                f"use a new --workdir. Fields that differ:\n  {shown}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirMismatchError(f"--workdir={workdir}: cannot write there "
+                                   f"({e.strerror or e}); choose a folder you can write") from None
+
 
 def save_run_info(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
-                  class_names: tuple[str, ...]) -> None:
-    """WORKDIR/run_info.json: the config and class names, so predict/evaluate rebuild the model."""
+                  class_names: tuple[str, ...], category_ids: tuple[int, ...] = ()) -> None:
+    """WORKDIR/run_info.json: the config, class names and the dataset's category ids, so
+    predict/evaluate rebuild the model and report results in the dataset's ids."""
     import json
+
+    import ssd_jax
 
     if jax.process_index() != 0:
         return
     info = {"config": json.loads(config.to_json_best_effort()), "num_classes": num_classes,
-            "class_names": list(class_names)}
+            "class_names": list(class_names),
+            "category_ids": [int(c) for c in category_ids] or list(range(1, num_classes)),
+            "ssd_jax_version": ssd_jax.__version__}
     tmp = os.path.join(workdir, RUN_INFO + ".tmp")
     with open(tmp, "w") as f:
         json.dump(info, f, indent=2)
     os.replace(tmp, os.path.join(workdir, RUN_INFO))
-
-
-def load_for_inference(workdir: str, step: int | None = None
-                       ) -> tuple[models.SSD, dict[str, Any], ml_collections.ConfigDict,
-                                  tuple[str, ...]]:
-    """(model, variables, config, class_names) of a training run's checkpoint (latest or `step`).
-
-    variables = {"params": ..., ["batch_stats": ...]} as host numpy arrays, ready for
-    `model.apply(variables, images)`. Raises FileNotFoundError naming what is missing.
-    """
-    import json
-
-    import ml_collections
-
-    path = os.path.join(workdir, RUN_INFO)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir of "
-                                "ssd_jax (expected run_info.json and checkpoints/)")
-    with open(path) as f:
-        info = json.load(f)
-    config = ml_collections.ConfigDict(info["config"])
-    model = create_model(config, int(info["num_classes"]), axis_name=None)
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoints/ folder in {workdir}")
-    with ocp.CheckpointManager(ckpt_dir) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        if step not in manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt_dir}; steps there: "
-                                    f"{sorted(manager.all_steps())}")
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
-    variables = {"params": restored["params"]}
-    if restored.get("batch_stats"):
-        variables["batch_stats"] = restored["batch_stats"]
-    return model, variables, config, tuple(info["class_names"])
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(steps: Steps, state: TrainState, config: ml_collections.ConfigDict,
-             eval_batches: Any, num_classes: int, class_names: tuple[str, ...],
-             num_draw: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    """One pass over the eval data: metrics (VOC07/VOC/COCO per `config.metric`) and the first
-    `num_draw` validation images with their detections ("image", "boxes", "labels", "scores")."""
-    from ssd_jax import evaluation
-
-    evaluator = evaluation.DetectionEvaluator(num_classes, metric=config.metric,
-                                              class_names=class_names)
-    drawn: list[dict[str, np.ndarray]] = []
-    for local in eval_batches:
-        images = steps.global_batch(local, ("image",))["image"]
-        dets = steps.eval(state, images)
-        dets = postprocess.Detections(*(process_local(x) for x in dets))
-        evaluator.add_batch(dets, local)
-        if sum(len(d["image"]) for d in drawn) < num_draw:
-            keep = local["mask"] if "mask" in local else np.ones(len(local["image"]), bool)
-            drawn.append({"image": local["image"][keep], "boxes": dets.boxes[keep],
-                          "labels": dets.classes[keep], "scores": dets.scores[keep]})
-    samples = None
-    if drawn:
-        samples = {k: np.concatenate([d[k] for d in drawn])[:num_draw] for k in drawn[0]}
-    return evaluator.result(), samples
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -414,8 +457,32 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def _last_checkpoint(manager: ocp.CheckpointManager) -> str:
+    step = manager.latest_step()
+    return (f"the last checkpoint is step {step} in {manager.directory}" if step is not None
+            else "no checkpoint was written yet (a rerun starts from step 0)")
+
+
+class _WorkdirLog:
+    """Every log record of the run (orbax's INFO lines included) into WORKDIR/train.log."""
+
+    def __init__(self, workdir: str):
+        import logging as py_logging
+
+        self.path = os.path.join(workdir, "train.log")
+        self.handler = py_logging.FileHandler(self.path)
+        self.handler.setFormatter(py_logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+        self.logger = py_logging.getLogger("absl")
+        self.logger.addHandler(self.handler)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -423,34 +490,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """Train (resuming from WORKDIR if it holds a checkpoint) and evaluate.
 
     Returns the final state (replicated over the mesh) and the final evaluation metrics. Writes
-    WORKDIR/checkpoints (orbax), TensorBoard events and PNGs of validation detections.
+    WORKDIR/checkpoints (orbax), run_info.json, train.log, TensorBoard events and PNGs of
+    validation detections. Everything the user can get wrong is checked before anything is
+    written or compiled: the config (ConfigError), the workdir (WorkdirMismatchError: another
+    run's config, not writable) and the data (DataError: no usable box).
     """
     from clu import metric_writers  # imports TensorFlow: keep the module importable without it
 
+    from ssd_jax import evaluation
     from ssd_jax.data import pipeline
 
     validate_config(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir, config)
     is_lead = jax.process_index() == 0
-    info = pipeline.get_dataset_info(config.dataset)
+    data = pipeline.InputPipeline(config.dataset)
+    info = data.info()  # reads the annotations: DataError here, before any compile
+    log = _WorkdirLog(workdir)
+    samples_png = os.path.join(workdir, "samples")
+    manager = checkpoint_manager(workdir, config)
+    if is_lead:
+        print(f"workdir {workdir}\n  checkpoints: {manager.directory}\n"
+              f"  TensorBoard: tensorboard --logdir {workdir}\n  pictures: {samples_png}\n"
+              f"  log: {log.path}", flush=True)
+    try:
+        return _train(config, workdir, data, info, manager, samples_png, metric_writers,
+                      evaluation)
+    finally:
+        manager.close()
+        log.close()
+
+
+def _train(config, workdir, data, info, manager, samples_png, metric_writers, evaluation):
+    is_lead = jax.process_index() == 0
     model = create_model(config, info.num_classes)
     size = model.prior_spec.image_size
     tx = create_optimizer(config)
     steps = make_steps(config, model, tx)
     n_proc = jax.process_count()
     local_batch, local_eval_batch = config.batch_size // n_proc, config.eval_batch_size // n_proc
-    eval_batches = pipeline.create_eval_iterator(
-        config.dataset, image_size=size, batch_size=local_eval_batch, max_boxes=config.max_boxes,
+    eval_batches = data.eval_iterator(
+        image_size=size, batch_size=local_eval_batch, max_boxes=config.max_boxes,
         process_index=jax.process_index(), process_count=n_proc)
+    evaluator = evaluation.Evaluator(steps.predict_fn(), eval_batches,
+                                     num_classes=info.num_classes, metric=config.metric,
+                                     class_names=info.class_names,
+                                     num_draw=config.num_eval_images_to_draw)
 
-    save_run_info(workdir, config, info.num_classes, info.class_names)
-    manager = checkpoint_manager(workdir, config)
     state = jax.device_put(restore_or_init(manager, create_train_state(config, model, tx)),
                            steps.replicated)
+    save_run_info(workdir, config, info.num_classes, info.class_names, info.category_ids)
     start_step = int(jax.device_get(state.step))
-    train_iter: Iterator[dict[str, np.ndarray]] = pipeline.create_train_iterator(
-        config.dataset, image_size=size, batch_size=local_batch, max_boxes=config.max_boxes,
+    train_iter: Iterator[dict[str, np.ndarray]] = data.train_iterator(
+        image_size=size, batch_size=local_batch, max_boxes=config.max_boxes,
         seed=config.seed, start_step=start_step, process_index=jax.process_index(),
         process_count=n_proc)
 
@@ -458,7 +550,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if start_step == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items()
                               if isinstance(v, int | float | str | bool)})
-    samples_png = os.path.join(workdir, "samples")
     os.makedirs(samples_png, exist_ok=True)
     schedule = learning_rate_schedule(config)
     total = int(config.num_train_steps)
@@ -471,12 +562,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     t_start = t_last
     last_eval: dict[str, Any] = {}
 
+    def report_input(step: int) -> None:
+        writer.write_scalars(step, {f"input/{k}": v for k, v in data.stats.items()})
+        logging.info("input at step %d: %s", step, data.summary())
+
     def run_eval(step: int) -> dict[str, Any]:
-        result, samples = evaluate(steps, state, config, eval_batches, info.num_classes,
-                                   info.class_names, num_draw=config.num_eval_images_to_draw)
+        result = evaluator.run(eval_variables(state))
         scalars = {f"eval/{k}": v for k, v in result.items()
                    if isinstance(v, int | float) and not math.isnan(v)}
         writer.write_scalars(step, scalars)
+        report_input(step)
+        samples = evaluator.samples
         if samples is not None and is_lead:
             from PIL import Image
 
@@ -489,50 +585,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             writer.write_images(step, {"eval/detections": picture[None]})
         return result
 
-    for step in range(start_step, total):
-        local = next(train_iter)
-        batch = steps.global_batch(local, train_keys)
-        with jax.transfer_guard("disallow"):
-            state, metrics = steps.train(state, batch)
-        metrics_sum = metrics if metrics_sum is None else jax.tree.map(jnp.add, metrics_sum, metrics)
-        n_summed += 1
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == total:
-            summed = jax.device_get(metrics_sum)
-            means = {f"train/{k}": float(v) / n_summed for k, v in summed.items()}
-            if not math.isfinite(means["train/loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite training loss {means['train/loss']} in steps {done - n_summed + 1}"
-                    f"..{done}; stopping. The last good checkpoint is kept in "
-                    f"{manager.directory} (step {manager.latest_step()}).")
-            now = time.perf_counter()
-            rate = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
-            means["train/learning_rate"] = float(schedule(step))
-            means["train/images_per_sec"] = rate
-            writer.write_scalars(done, means)
-            eta = (total - done) * config.batch_size / max(rate, 1e-9)
-            logging.info("step %d/%d (%.0f%%) loss %.4f (conf %.4f, loc %.4f) %.1f img/s ETA %s",
-                         done, total, 100 * done / total, means["train/loss"],
-                         means["train/conf_loss"], means["train/loc_loss"], rate, _fmt_duration(eta))
-            metrics_sum, n_summed, t_last, step_last = None, 0, now, done
-        if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 and done < total:
-            _check_finite_then_save(manager, state, done)
-        if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
-            last_eval = run_eval(done)
-            logging.info("eval at step %d: %s", done, _summary(last_eval, config.metric))
+    done = start_step
+    try:
+        for step in range(start_step, total):
+            local = next(train_iter)
+            batch = steps.global_batch(local, train_keys)
+            with jax.transfer_guard("disallow"):
+                state, metrics = steps.train(state, batch)
+            metrics_sum = metrics if metrics_sum is None else jax.tree.map(jnp.add, metrics_sum,
+                                                                           metrics)
+            n_summed += 1
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == total:
+                summed = jax.device_get(metrics_sum)
+                means = {f"train/{k}": float(v) / n_summed for k, v in summed.items()}
+                if not math.isfinite(means["train/loss"]):
+                    raise NonFiniteLossError(
+                        f"non-finite training loss {means['train/loss']} in steps "
+                        f"{done - n_summed + 1}..{done}; stopping: {_last_checkpoint(manager)}. "
+                        "Lower config.learning_rate or set config.grad_clip_norm.")
+                now = time.perf_counter()
+                rate = (done - step_last) * config.batch_size / max(now - t_last, 1e-9)
+                means["train/learning_rate"] = float(schedule(step))
+                means["train/images_per_sec"] = rate
+                writer.write_scalars(done, means)
+                eta = (total - done) * config.batch_size / max(rate, 1e-9)
+                logging.info("step %d/%d (%.0f%%) loss %.4f (conf %.4f, loc %.4f) %.1f img/s "
+                             "ETA %s", done, total, 100 * done / total, means["train/loss"],
+                             means["train/conf_loss"], means["train/loc_loss"], rate,
+                             _fmt_duration(eta))
+                metrics_sum, n_summed, t_last, step_last = None, 0, now, done
+            if config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0 \
+                    and done < total:
+                _check_finite_then_save(manager, state, done)
+            if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
+                last_eval = run_eval(done)
+                logging.info("eval at step %d: %s", done, _summary(last_eval, config.metric))
 
-    if start_step < total or manager.latest_step() != total:
-        _check_finite_then_save(manager, state, total)
-    last_eval = run_eval(total)
+        if start_step < total or manager.latest_step() != total:
+            _check_finite_then_save(manager, state, total)
+        last_eval = run_eval(total)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(
+            f"interrupted at step {done}; {_last_checkpoint(manager)}; run the same command to "
+            "resume") from None
     logging.info("final eval at step %d: %s", total, _summary(last_eval, config.metric))
     writer.flush()
     elapsed = time.perf_counter() - t_start
     if is_lead:
+        warnings = "".join(f"\n  warning: {w}" for w in data.warnings)
         print(f"\nDone in {_fmt_duration(elapsed)}: {_summary(last_eval, config.metric)}\n"
+              f"  input: {data.summary()}{warnings}\n"
               f"  checkpoints: {manager.directory}\n"
               f"  TensorBoard: tensorboard --logdir {workdir}\n"
               f"  sample pictures: {samples_png}", flush=True)
-    manager.close()
     return state, last_eval
 
 
@@ -541,8 +647,8 @@ def _check_finite_then_save(manager: ocp.CheckpointManager, state: TrainState, s
     finite = all(bool(jnp.isfinite(x).all()) for x in jax.device_get(leaves))
     if not finite:
         raise NonFiniteLossError(
-            f"parameters became non-finite by step {step}; not saving. The last good checkpoint "
-            f"is kept in {manager.directory} (step {manager.latest_step()}).")
+            f"parameters became non-finite by step {step}; not saving: "
+            f"{_last_checkpoint(manager)}.")
     save_checkpoint(manager, state)
 
 

@@ -3,8 +3,6 @@ rule, errors on bad state dicts, checkpoints and merge_params."""
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,16 +170,55 @@ def test_convert_cli_ssd300(tv_ssd, tmp_path):
                                   expected["params"]["box_head_5"]["kernel"])
 
 
-def test_safetensors_reader(tmp_path):
-    w = np.arange(12, dtype=np.float32).reshape(3, 4)
-    b16 = np.array([1.5, -2.0], np.float32)
-    raw16 = (b16.view(np.uint32) >> 16).astype(np.uint16).tobytes()
-    header = {"w": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
-              "b": {"dtype": "BF16", "shape": [2], "data_offsets": [48, 52]},
-              "__metadata__": {"format": "pt"}}
-    h = json.dumps(header).encode()
+def test_load_state_dict_safetensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+               "h": rng.normal(size=(2, 5)).astype(np.float16),
+               "steps": np.array([7], np.int64)}
     path = tmp_path / "x.safetensors"
-    path.write_bytes(len(h).to_bytes(8, "little") + h + w.tobytes() + raw16)
+    save_file(tensors, str(path), metadata={"format": "np"})
+    sd = convert.load_state_dict(path)  # os.PathLike is accepted
+    assert sorted(sd) == ["h", "steps", "w"]
+    for k, v in tensors.items():
+        assert sd[k].dtype == np.float32 and sd[k].shape == v.shape
+        np.testing.assert_array_equal(sd[k], v.astype(np.float32))
+
+
+def test_load_state_dict_safetensors_bfloat16(tmp_path):
+    from safetensors.torch import save_file
+
+    b = torch.tensor([[1.5, -2.0, 3.140625], [0.0, -0.0078125, 256.0]], dtype=torch.bfloat16)
+    w = torch.randn(4, 3)
+    path = tmp_path / "bf16.safetensors"
+    save_file({"b": b, "w": w}, str(path))
     sd = convert.load_state_dict(str(path))
-    np.testing.assert_array_equal(sd["w"], w)
-    np.testing.assert_array_equal(sd["b"], b16)
+    assert sd["b"].dtype == np.float32
+    np.testing.assert_array_equal(sd["b"], b.float().numpy())
+    np.testing.assert_array_equal(sd["w"], w.numpy())
+
+
+def test_load_state_dict_torch_unwraps(tmp_path):
+    w = torch.randn(2, 3)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {"w": w, "n": torch.tensor(3)}, "epoch": 5}, path)
+    sd = convert.load_state_dict(str(path))
+    assert sorted(sd) == ["n", "w"]
+    np.testing.assert_array_equal(sd["w"], w.numpy())
+    torch.save([w], tmp_path / "list.pth")
+    with pytest.raises(convert.StateDictError, match=r"list\.pth.*holds a list"):
+        convert.load_state_dict(str(tmp_path / "list.pth"))
+
+
+@pytest.mark.parametrize("text", ["this is not a torch file", "not a checkpoint\n", ""])
+@pytest.mark.parametrize("ext", [".pth", ".safetensors"])
+def test_load_state_dict_invalid_file(tmp_path, text, ext):
+    path = tmp_path / f"weights{ext}"
+    path.write_text(text)
+    expected = "torch state dict" if ext == ".pth" else "safetensors file"
+    with pytest.raises(convert.StateDictError, match=rf"weights\{ext}.*expected a .*{expected}") as e:
+        convert.load_state_dict(str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        convert.load_state_dict(str(tmp_path / f"missing{ext}"))

@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model: a name from ssd_jax.models.MODELS; its prior spec fixes the input size.
     config.model = ml_collections.ConfigDict()
-    config.model.name = "compact"
+    config.model.name = "compact"      # ssd300_vgg16 | ssd512_vgg16 | compact
     # Options of the "compact" builder (ssd_jax.models.compact_ssd); other models take none.
     config.model.width_mult = 1.0      # multiplies every channel count
     config.model.top_down = False      # FPN-style fusion into the backbone's source maps (measured:
@@ -23,15 +23,36 @@ def get_config() -> ml_collections.ConfigDict:
     # took the 3000-step mAP from 0.68 to 0.74 (matching IoU 0.3) for 25% more time per step.
     config.model.num_maps = 6
 
-    # Data: ssd_jax.data.pipeline reads config.dataset (kind = synthetic | tfds | coco_json | voc_xml).
+    # Data: ssd_jax.data.pipeline reads config.dataset. Every field of every kind is declared
+    # here (the fields of the other kinds are ignored); ssd_jax.data.sources.validate_dataset_config
+    # checks the ones the chosen kind needs, so any kind can be set from the command line:
+    #   --config.dataset.kind=coco_json --config.dataset.train_annotations=A.json ...
     config.dataset = ml_collections.ConfigDict()
-    config.dataset.kind = "synthetic"
-    config.dataset.seed = 0            # the synthetic images (independent of the training seed)
-    config.dataset.num_train = 16000   # synthetic training images, generated once and held in memory
-                                       # (1.8 GB at 192 px, ~35 s; 6000 left a train/val mAP gap of
-                                       # 0.87/0.83, 16000 gave +0.015 val mAP)
-    config.dataset.num_eval = 500      # synthetic validation images (a disjoint split)
-    config.dataset.image_size = 192    # side of the generated images before augmentation/resize
+    config.dataset.kind = "synthetic"  # synthetic | tfds | coco_json | voc_xml
+    # kind=synthetic: ssd_jax.data.synthetic shapes, generated once and held in memory.
+    config.dataset.seed = 0            # (synthetic) the images' seed (independent of config.seed)
+    config.dataset.num_train = 16000   # (synthetic) training images (1.8 GB at 192 px, ~35 s; 6000
+                                       # left a train/val mAP gap of 0.87/0.83, 16000 gave +0.015)
+    config.dataset.num_eval = 500      # (synthetic) validation images (a disjoint split)
+    config.dataset.image_size = 192    # (synthetic) side of the generated images
+    config.dataset.cache_dir = ""      # (synthetic) folder for an .npz cache of the images; "" = none
+    # kind=tfds: TFDS datasets prepared with `tfds build NAME --data_dir=DIR`.
+    config.dataset.name = ""           # (tfds) e.g. "voc/2007+voc/2012" (joined) or "coco/2017"
+    config.dataset.data_dir = ""       # (tfds) the folder the TFDS data was prepared in
+    config.dataset.shuffle_buffer = 10_000  # (tfds) examples in the training shuffle buffer
+    # kind=tfds and kind=voc_xml: split names.
+    config.dataset.train_split = "trainval"  # (tfds, voc_xml) TFDS split or ImageSets/Main/<name>.txt
+    config.dataset.eval_split = "test"       # (tfds, voc_xml) the evaluation split
+    # kind=coco_json: COCO-format annotation files and image folders.
+    config.dataset.train_annotations = ""  # (coco_json) training annotation .json
+    config.dataset.train_images = ""       # (coco_json) folder of the training images
+    config.dataset.eval_annotations = ""   # (coco_json) evaluation annotation .json
+    config.dataset.eval_images = ""        # (coco_json) folder of the evaluation images
+    # kind=voc_xml: a Pascal VOC-style folder.
+    config.dataset.root = ""           # (voc_xml) folder with Annotations/, JPEGImages/, ImageSets/Main/
+    config.dataset.class_names = ()    # (voc_xml) class names; () = the sorted names found in the XML
+    config.dataset.use_difficult = True  # (tfds, voc_xml) train on objects marked difficult (eval
+                                         # always ignores them, as the VOC devkit)
     # The paper's augmentation (ssd_jax.data.augment), each step switchable. Zoom-out and min-IoU
     # crops pay off over 100k+ steps; in this 10-minute run they cost mAP (measured at 600 steps:
     # 0.09 with both, 0.17 without zoom-out, 0.26 without either), so the default keeps flips and
@@ -75,18 +96,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.metric = "voc07"            # voc07 (11-point mAP) | voc (area mAP) | coco (AP@[.5:.95])
     config.eval_batch_size = 64        # global eval batch; the last partial batch is padded + masked
     config.detect = ml_collections.ConfigDict()
-    config.detect.score_threshold = 0.01
+    config.detect.score_threshold = 0.01  # detections below this score are dropped before NMS
     config.detect.pre_nms_top_k = 200  # candidates per class before NMS (paper: 400 for SSD300)
     # NMS IoU (the paper: 0.45). Positives at IoU >= 0.3 spread the detections of one object
     # wider; on this split 0.3 gave +0.006-0.009 mAP over 0.45 for the same checkpoints.
     config.detect.iou_threshold = 0.3
-    config.detect.max_detections = 100  # per image (paper: 200)
+    config.detect.max_detections = 100  # kept per image after NMS (paper: 200)
     config.num_eval_images_to_draw = 8  # validation images drawn with predictions (TensorBoard, PNG)
     config.draw_score_threshold = 0.3  # detections drawn on those images score above this
 
     # Bookkeeping.
-    config.log_every_steps = 200
-    config.eval_every_steps = 2000
-    config.checkpoint_every_steps = 2000
-    config.keep_checkpoints = 3
+    config.log_every_steps = 200       # progress line + TensorBoard scalars every N steps
+    config.eval_every_steps = 2000     # evaluation (mAP, pictures) every N steps; 0 = only at the end
+    config.checkpoint_every_steps = 2000  # orbax checkpoint every N steps (and at the end); 0 = end only
+    config.keep_checkpoints = 3        # checkpoints kept (the oldest are deleted)
     return config

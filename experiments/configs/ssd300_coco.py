@@ -11,10 +11,7 @@ from experiments.configs import ssd300_voc
 
 def get_config() -> ml_collections.ConfigDict:
     config = ssd300_voc.get_config()
-    config.dataset = ml_collections.ConfigDict()
-    config.dataset.kind = "tfds"
     config.dataset.name = "coco/2017"
-    config.dataset.data_dir = ""
     config.dataset.train_split = "train"
     config.dataset.eval_split = "validation"
     config.max_boxes = 100

@@ -14,13 +14,15 @@ from experiments.configs import default
 
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
-    config.model = ml_collections.ConfigDict({"name": "ssd300_vgg16"})  # no compact options
-    config.dataset = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict()     # the VGG16 builders take no options
+    config.model.name = "ssd300_vgg16"             # the paper's SSD300 (8732 priors)
     config.dataset.kind = "tfds"
     config.dataset.name = "voc/2007+voc/2012"      # "07+12": trainval of both
     config.dataset.data_dir = ""                   # required: where the TFDS data was prepared
     config.dataset.train_split = "train+validation"  # TFDS names VOC trainval "train+validation"
     config.dataset.eval_split = "test"             # VOC2007 test (of the first name)
+    config.dataset.augment_expand = True           # the paper's full augmentation
+    config.dataset.augment_crop = True
     config.max_boxes = 64                          # VOC images hold at most 42 objects
 
     config.num_train_steps = 120_000               # the paper: 120k iterations at batch 32

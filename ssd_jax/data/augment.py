@@ -269,6 +269,13 @@ def train_augment(
 
 
 def eval_resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Bilinear resize uint8 [H,W,3] -> uint8 [S,S,3] (boxes, normalized, are unchanged)."""
-    out = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
-    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    """Bilinear resize uint8 [H,W,3] -> uint8 [S,S,3] (boxes, normalized, are unchanged).
+
+    `ssd_jax.image.resize` run through tf.numpy_function: the same function (and so the same
+    pixels) as prediction (`ssd_jax.inference.Predictor`), which imports no TensorFlow.
+    """
+    from ssd_jax import image as image_lib
+
+    out = tf.numpy_function(lambda x: image_lib.resize(x, size), [image], tf.uint8, stateful=False)
+    out.set_shape([size, size, 3])
+    return out

@@ -1,8 +1,9 @@
 """tf.data input pipeline: training and evaluation batches as dicts of numpy arrays.
 
-    info = get_dataset_info(dataset_cfg)
-    it = create_train_iterator(dataset_cfg, image_size=300, batch_size=32, max_boxes=100, seed=0)
-    ev = create_eval_iterator(dataset_cfg, image_size=300, batch_size=32, max_boxes=100)
+    data = InputPipeline(config.dataset)
+    info = data.info()
+    it = data.train_iterator(image_size=300, batch_size=32, max_boxes=100, seed=0)
+    ev = data.eval_iterator(image_size=300, batch_size=32, max_boxes=100)
 
 Boxes are corner form (xmin, ymin, xmax, ymax) normalized to [0, 1]; labels 1..C-1, 0 = padding.
 
@@ -27,8 +28,8 @@ Determinism and resume. The training stream is a function of (seed, step):
 Bad input: annotation problems are repaired when the source is built (see sources.py); TFDS
 boxes are clipped / dropped in the graph. At run time undecodable images are skipped (training:
 replaced as above; eval: their slot becomes a masked padding example), grayscale/RGBA/CMYK images
-converted to RGB and boxes past max_boxes truncated. Everything is counted in `get_stats()` (and
-each iterator's `.stats`) and logged with absl logging.
+converted to RGB and boxes past max_boxes truncated. Everything is counted in the pipeline's
+`stats` (and each iterator's `.stats`); the training loop reports them at each evaluation.
 """
 
 from __future__ import annotations
@@ -48,76 +49,145 @@ from ssd_jax.data.tf_compat import tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 _FALLBACK_TRIES = 8
-_STATS: Counter = Counter()
-_STATS_LOCK = threading.Lock()
-_COUNTED_SOURCES: set[int] = set()
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """num_classes counts background; class_names excludes it (label i -> class_names[i-1])."""
+    """num_classes counts background; class_names excludes it (label i -> class_names[i-1]);
+    category_ids[i-1] is the dataset's own id of label i (COCO-JSON: the file's category ids)."""
 
     num_classes: int
     class_names: tuple[str, ...]
     num_train: int | None
     num_eval: int | None
+    category_ids: tuple[int, ...] = ()
 
 
-def get_stats() -> dict[str, int]:
-    """Counts of repaired / skipped input so far in this process (all sources and iterators)."""
-    with _STATS_LOCK:
-        return dict(_STATS)
+class InputPipeline:
+    """The data of one `config.dataset`: its sources (built once, on first use), the batches,
+    and a count of every repair and skip.
 
+        data = InputPipeline(config.dataset)
+        info = data.info()
+        train = data.train_iterator(image_size=300, batch_size=32, max_boxes=100, seed=0)
+        evals = data.eval_iterator(image_size=300, batch_size=32, max_boxes=100)
+        data.stats        # Counter: boxes_clipped, images_skipped_undecodable, ...
 
-def reset_stats() -> None:
-    """Zero the counters of `get_stats()`."""
-    with _STATS_LOCK:
-        _STATS.clear()
-        _COUNTED_SOURCES.clear()
+    The config is checked on construction (`sources.validate_dataset_config`): a mistake is a
+    ConfigError naming the field before anything is read.
+    """
 
+    def __init__(self, dataset_cfg: Any):
+        sources.validate_dataset_config(dataset_cfg)
+        self.cfg = dataset_cfg
+        self.stats: Counter = Counter()
+        self.warnings: list[str] = []
+        self._lock = threading.Lock()
+        self._sources: dict[str, sources.Table | sources.TfdsSource] = {}
+        self._info: DatasetInfo | None = None
 
-def _count(counts: dict[str, int]) -> None:
-    counts = {k: int(v) for k, v in counts.items() if v}
-    if not counts:
-        return
-    with _STATS_LOCK:
-        _STATS.update(counts)
-        total = dict(_STATS)
-    logging.log_every_n_seconds(logging.WARNING, "input pipeline repairs so far: %s", 60, total)
+    def source(self, split: str) -> sources.Table | sources.TfdsSource:
+        """The source of 'train' or 'eval' (TFDS: one source for both); its repairs are counted
+        once, its warnings logged once."""
+        key = split if sources.field(self.cfg, "kind") != "tfds" else "tfds"
+        if key not in self._sources:
+            src = sources.load_source(self.cfg, split)
+            if isinstance(src, sources.Table):
+                self.count(src.stats)
+                for w in src.warnings:
+                    logging.warning("%s", w)
+                self.warnings += src.warnings
+            self._sources[key] = src
+        return self._sources[key]
 
+    def count(self, counts: dict[str, int]) -> None:
+        """Add repair/skip counts (thread-safe: tf.data iterators report from their threads)."""
+        counts = {k: int(v) for k, v in counts.items() if v}
+        if counts:
+            with self._lock:
+                self.stats.update(counts)
 
-def _source(cfg: Any, split: str) -> sources.Table | sources.TfdsSource:
-    src = sources.load_source(cfg, split)
-    if isinstance(src, sources.Table) and id(src) not in _COUNTED_SOURCES:
-        with _STATS_LOCK:
-            _COUNTED_SOURCES.add(id(src))
-        _count(src.stats)
-    return src
+    def summary(self) -> str:
+        """One line: every repair and skip counted so far, or 'nothing repaired or skipped'."""
+        with self._lock:
+            items = sorted((k, v) for k, v in self.stats.items() if v)
+        return ", ".join(f"{k} {v}" for k, v in items) or "nothing repaired or skipped"
+
+    def info(self) -> DatasetInfo:
+        """Classes, ids and sizes of the dataset (num_eval None if unknown)."""
+        if self._info is not None:
+            return self._info
+        train = self.source("train")
+        if isinstance(train, sources.TfdsSource):
+            num_train = train.num_examples(sources.field(self.cfg, "train_split"))
+            num_eval = train.num_examples(sources.field(self.cfg, "eval_split"))
+            category_ids = sources.category_ids_of(tuple(train.class_names), train.names)
+        else:
+            num_train = len(train)
+            num_eval = len(self.source("eval"))
+            category_ids = train.category_ids
+        names = tuple(train.class_names)
+        self._info = DatasetInfo(len(names) + 1, names, num_train, num_eval, tuple(category_ids))
+        return self._info
+
+    def train_iterator(self, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
+                       start_step: int = 0, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Endless augmented training batches for this host.
+
+        Yields {"image": uint8 [b,S,S,3], "boxes": float32 [b,M,4] normalized corners,
+        "labels": int32 [b,M] (0 = padding)}, b = batch_size (per host), S = image_size,
+        M = max_boxes. The batch at step k is a function of (seed, k); start_step=k resumes
+        exactly. The iterator's `.stats` counts what this stream repaired (also added to
+        `self.stats`).
+        """
+        ds = self.train_dataset(image_size=image_size, batch_size=batch_size,
+                                max_boxes=max_boxes, seed=seed, start_step=start_step,
+                                process_index=process_index, process_count=process_count)
+        return _StatsIterator(ds, self)
+
+    def train_dataset(self, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
+                      start_step: int = 0, process_index: int = 0,
+                      process_count: int = 1) -> tf.data.Dataset:
+        """The tf.data.Dataset behind `train_iterator`; its batches also carry int32 [b]
+        `stat_<name>` counters (STAT_NAMES)."""
+        return _make_train_dataset(self, image_size=image_size, batch_size=batch_size,
+                                   max_boxes=max_boxes, seed=seed, start_step=start_step,
+                                   process_index=process_index, process_count=process_count)
+
+    def eval_iterator(self, *, image_size: int, batch_size: int, max_boxes: int,
+                      process_index: int = 0, process_count: int = 1) -> EvalIterator:
+        """Resized (no augmentation) eval batches of this host's share; see `EvalIterator`."""
+        return _make_eval_iterator(self, image_size=image_size, batch_size=batch_size,
+                                   max_boxes=max_boxes, process_index=process_index,
+                                   process_count=process_count)
 
 
 def get_dataset_info(dataset_cfg: Any) -> DatasetInfo:
-    """Classes and sizes of the dataset described by `dataset_cfg` (num_eval None if unknown)."""
-    train = _source(dataset_cfg, "train")
-    if isinstance(train, sources.TfdsSource):
-        split = lambda s: sources._get(dataset_cfg, s)
-        num_train = train.num_examples(split("train_split")) if split("train_split") else None
-        num_eval = train.num_examples(split("eval_split")) if split("eval_split") else None
-    else:
-        num_train = len(train)
-        try:
-            num_eval = len(_source(dataset_cfg, "eval"))
-        except ValueError as e:  # no eval data configured
-            logging.info("no eval data: %s", e)
-            num_eval = None
-    names = tuple(train.class_names)
-    return DatasetInfo(len(names) + 1, names, num_train, num_eval)
+    """`InputPipeline(dataset_cfg).info()`."""
+    return InputPipeline(dataset_cfg).info()
+
+
+def create_train_iterator(dataset_cfg: Any, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+    """`InputPipeline(dataset_cfg).train_iterator(**kwargs)` (a pipeline of its own)."""
+    return InputPipeline(dataset_cfg).train_iterator(**kwargs)
+
+
+def make_train_dataset(dataset_cfg: Any, **kwargs: Any) -> tf.data.Dataset:
+    """`InputPipeline(dataset_cfg).train_dataset(**kwargs)`."""
+    return InputPipeline(dataset_cfg).train_dataset(**kwargs)
+
+
+def create_eval_iterator(dataset_cfg: Any, **kwargs: Any) -> EvalIterator:
+    """`InputPipeline(dataset_cfg).eval_iterator(**kwargs)` (a pipeline of its own)."""
+    return InputPipeline(dataset_cfg).eval_iterator(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------
 # decoding
 
 # Per-example counters carried through tf.data as int32 fields "stat_<name>" and summed into
-# get_stats() on the host (they never reach the caller's batches).
+# InputPipeline.stats on the host (they never reach the caller's batches).
 STAT_NAMES = ("images_skipped_undecodable", "images_converted_to_rgb", "boxes_clipped",
               "boxes_degenerate_dropped", "boxes_truncated")
 
@@ -205,46 +275,26 @@ def _pop_stats(batch: dict[str, np.ndarray]) -> dict[str, int]:
 # training
 
 
-def create_train_iterator(
-    dataset_cfg: Any, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
-    start_step: int = 0, process_index: int = 0, process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Endless augmented training batches for this host.
-
-    Yields {"image": uint8 [b,S,S,3], "boxes": float32 [b,M,4] normalized corners,
-    "labels": int32 [b,M] (0 = padding)}, b = batch_size (per host), S = image_size,
-    M = max_boxes. The batch at step k is a function of (seed, k); start_step=k resumes exactly.
-    The returned iterator's `.stats` counts what this stream repaired (see get_stats()).
-    """
-    ds = make_train_dataset(dataset_cfg, image_size=image_size, batch_size=batch_size,
-                            max_boxes=max_boxes, seed=seed, start_step=start_step,
-                            process_index=process_index, process_count=process_count)
-    return _StatsIterator(ds)
-
-
-def make_train_dataset(
-    dataset_cfg: Any, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
-    start_step: int = 0, process_index: int = 0, process_count: int = 1,
-) -> tf.data.Dataset:
-    """The tf.data.Dataset behind `create_train_iterator`; its batches also carry int32 [b]
-    `stat_<name>` counters (STAT_NAMES)."""
+def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int, max_boxes: int,
+                        seed: int, start_step: int, process_index: int,
+                        process_count: int) -> tf.data.Dataset:
     if not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
                          f"{process_count}")
     if batch_size < 1 or max_boxes < 1 or image_size < 1:
         raise ValueError("batch_size, max_boxes and image_size must be positive")
-    src = _source(dataset_cfg, "train")
+    cfg = data.cfg
+    src = data.source("train")
     b, size = int(batch_size), int(image_size)
     if isinstance(src, sources.TfdsSource):
-        ds = _tfds_train_examples(dataset_cfg, src, b, seed, start_step, process_index,
-                                  process_count)
+        ds = _tfds_train_examples(cfg, src, b, seed, start_step, process_index, process_count)
     else:
         ds = _table_train_examples(src, b, seed, start_step, process_index, process_count)
 
     # the paper's augmentation, each step switchable (config.dataset.augment_<step>: bool)
-    steps = {k: bool(sources._get(dataset_cfg, f"augment_{k}", True))
+    steps = {k: bool(sources.field(cfg, f"augment_{k}"))
              for k in ("photometric", "expand", "crop", "flip")}
-    max_expand = float(sources._get(dataset_cfg, "max_expand", 4.0))
+    max_expand = float(sources.field(cfg, "max_expand"))
 
     def prepare(ex):
         image, boxes, labels = augment.train_augment(ex["image"], ex["boxes"], ex["labels"],
@@ -305,10 +355,10 @@ def _table_train_examples(table: sources.Table, b: int, seed: int, start_step: i
 
 def _tfds_train_examples(cfg: Any, src: sources.TfdsSource, b: int, seed: int, start_step: int,
                          process_index: int, process_count: int) -> tf.data.Dataset:
-    split = sources._get(cfg, "train_split", "train")
+    split = sources.field(cfg, "train_split")
     ds = src.dataset(split, process_index=process_index, process_count=process_count,
-                     keep_crowd=False, use_difficult=bool(sources._get(cfg, "use_difficult", True)))
-    buffer = int(sources._get(cfg, "shuffle_buffer", 10_000))
+                     keep_crowd=False, use_difficult=bool(sources.field(cfg, "use_difficult")))
+    buffer = int(sources.field(cfg, "shuffle_buffer"))
     ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.enumerate().skip(start_step * b)
 
@@ -328,11 +378,13 @@ def _tfds_train_examples(cfg: Any, src: sources.TfdsSource, b: int, seed: int, s
 
 
 class _StatsIterator:
-    """Iterates a batched dataset as numpy dicts, moving stat_* fields into `get_stats()`."""
+    """Iterates a batched dataset as numpy dicts, moving stat_* fields into `.stats` and the
+    owning pipeline's `stats`."""
 
-    def __init__(self, ds: tf.data.Dataset):
+    def __init__(self, ds: tf.data.Dataset, owner: InputPipeline):
         self.dataset = ds
         self._it = ds.as_numpy_iterator()
+        self._owner = owner
         self.stats: Counter = Counter()
 
     def __iter__(self) -> _StatsIterator:
@@ -342,7 +394,7 @@ class _StatsIterator:
         batch = next(self._it)
         counts = _pop_stats(batch)
         self.stats.update({k: v for k, v in counts.items() if v})
-        _count(counts)
+        self._owner.count(counts)
         return batch
 
 
@@ -360,8 +412,10 @@ class EvalIterator:
     undecodable ones are skipped and counted.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int):
+    def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int,
+                 owner: InputPipeline):
         self.dataset = dataset
+        self._owner = owner
         self.num_batches = num_batches
         self.num_examples = num_examples  # images assigned to this host
         self.stats: Counter = Counter()
@@ -373,22 +427,19 @@ class EvalIterator:
         for batch in self.dataset.as_numpy_iterator():
             counts = _pop_stats(batch)
             self.stats.update({k: v for k, v in counts.items() if v})
-            _count(counts)
+            self._owner.count(counts)
             yield batch
 
 
-def create_eval_iterator(
-    dataset_cfg: Any, *, image_size: int, batch_size: int, max_boxes: int,
-    process_index: int = 0, process_count: int = 1,
-) -> EvalIterator:
-    """Resized (no augmentation) eval batches of this host's share; see `EvalIterator`."""
+def _make_eval_iterator(data: InputPipeline, *, image_size: int, batch_size: int, max_boxes: int,
+                        process_index: int, process_count: int) -> EvalIterator:
     if not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
                          f"{process_count}")
-    src = _source(dataset_cfg, "eval")
+    src = data.source("eval")
     b, size, m = int(batch_size), int(image_size), int(max_boxes)
     if isinstance(src, sources.TfdsSource):
-        split = sources._get(dataset_cfg, "eval_split", "test")
+        split = sources.field(data.cfg, "eval_split")
         total = src.num_examples(split, count=True)
         examples = src.dataset(split, process_index=process_index, process_count=process_count,
                                keep_crowd=True)
@@ -429,7 +480,7 @@ def create_eval_iterator(
                              num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * b).batch(b, drop_remainder=True).prefetch(AUTOTUNE)
-    return EvalIterator(ds.with_options(_options()), num_batches, local)
+    return EvalIterator(ds.with_options(_options()), num_batches, local, data)
 
 
 def _host_split(split: str, process_index: int, process_count: int) -> str:

@@ -40,9 +40,25 @@ import numpy as np
 from absl import logging
 
 from ssd_jax.data.tf_compat import tf
+from ssd_jax.errors import ConfigError, DataError
 
 KINDS = ("synthetic", "coco_json", "voc_xml", "tfds")
 _MIN_BOX_SIDE = 1e-4  # boxes thinner than this (normalized) after clipping are degenerate
+#: repair counters that drop an annotated box, and what each means
+_BOX_DROPS = {
+    "boxes_degenerate_dropped": "zero-area, negative or non-finite after clipping to the image",
+    "annotations_invalid_dropped": "unknown category id or a bbox without 4 numbers",
+    "annotations_unknown_class_dropped": "class name not in config.dataset.class_names",
+}
+#: fields of config.dataset each kind reads (every kind also reads KIND_COMMON)
+KIND_FIELDS = {
+    "synthetic": ("seed", "num_train", "num_eval", "image_size", "cache_dir"),
+    "tfds": ("name", "data_dir", "train_split", "eval_split", "shuffle_buffer", "use_difficult"),
+    "coco_json": ("train_annotations", "train_images", "eval_annotations", "eval_images"),
+    "voc_xml": ("root", "train_split", "eval_split", "class_names", "use_difficult"),
+}
+KIND_COMMON = ("kind", "augment_photometric", "augment_expand", "max_expand", "augment_crop",
+               "augment_flip")
 
 
 @dataclasses.dataclass
@@ -64,9 +80,25 @@ class Table:
     paths: np.ndarray | None = None
     images: np.ndarray | None = None
     stats: Counter = dataclasses.field(default_factory=Counter)
+    category_ids: tuple[int, ...] = ()  # the dataset's id of label i at [i-1] (COCO's own ids)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_id)
+
+    def check_usable(self, what: str) -> None:
+        """DataError when no box (or under 1% of the annotated boxes) survived the repairs."""
+        kept = len(self.labels)
+        dropped = {k: v for k, v in self.stats.items() if k in _BOX_DROPS and v}
+        annotated = kept + sum(dropped.values())
+        if annotated == 0 and kept == 0:
+            raise DataError(f"{what}: no image has an annotated object; a detector cannot learn "
+                            f"from {len(self)} images without boxes")
+        if kept == 0 or kept < 0.01 * annotated:
+            named = ", ".join(f"{v} {_BOX_DROPS[k]}" for k, v in dropped.items())
+            raise DataError(f"{what}: only {kept} of {annotated} annotated boxes are usable "
+                            f"(dropped: {named}). Check the box format: COCO bbox is [x, y, "
+                            f"width, height] in pixels; VOC bndbox is xmin/ymin/xmax/ymax in pixels.")
 
 
 class _TableBuilder:
@@ -107,7 +139,7 @@ class _TableBuilder:
 
     def build(self, class_names: tuple[str, ...], *, what: str) -> Table:
         if not self.ids:
-            raise ValueError(f"{what}: no usable images")
+            raise DataError(f"{what}: no usable images ({_describe(self.stats)})")
         cat = lambda xs, dt, shape: (np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt))
         return Table(
             class_names=tuple(class_names),
@@ -138,16 +170,62 @@ def repair_boxes(boxes: np.ndarray, stats: Counter | None = None) -> tuple[np.nd
     return clipped[keep], keep
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-    return default if value is None else value
+def _describe(stats: Counter) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(stats.items()) if v) or "nothing repaired"
 
 
-def _require(cfg: Any, name: str, kind: str) -> Any:
-    value = _get(cfg, name)
-    if value in (None, ""):
-        raise ValueError(f"config.dataset.{name} is required for kind={kind!r}")
-    return value
+def field(cfg: Any, name: str) -> Any:
+    """``config.dataset.<name>``; ConfigError if the config does not declare it (every field has
+    its default in experiments/configs/default.py, none here)."""
+    try:
+        return cfg[name]
+    except (KeyError, AttributeError, TypeError):
+        raise ConfigError(f"config.dataset.{name} is missing: start from the dataset of "
+                          "experiments/configs/default.py, which declares every field") from None
+
+
+def validate_dataset_config(cfg: Any) -> None:
+    """ConfigError naming the field when `cfg` (config.dataset) cannot give data; checks the
+    fields of its kind only, and that the files and folders it names exist."""
+    kind = field(cfg, "kind")
+    if kind not in KINDS:
+        raise ConfigError(f"config.dataset.kind={kind!r} is unknown; choose one of {KINDS}")
+    for name in KIND_COMMON + KIND_FIELDS[kind]:
+        field(cfg, name)
+
+    def need(name: str, hint: str = "") -> str:
+        value = field(cfg, name)
+        if value in (None, ""):
+            raise ConfigError(f"config.dataset.{name} is required for kind={kind!r}{hint}")
+        return value
+
+    if kind == "synthetic":
+        for name in ("num_train", "num_eval", "image_size"):
+            if int(field(cfg, name)) < 1:
+                raise ConfigError(f"config.dataset.{name} must be >= 1, got {field(cfg, name)}")
+    elif kind == "tfds":
+        need("name", " (e.g. voc/2007+voc/2012 or coco/2017)")
+        data_dir = need("data_dir", " (the folder `tfds build NAME --data_dir=DIR` wrote)")
+        if not tf.io.gfile.isdir(data_dir):
+            raise ConfigError(f"config.dataset.data_dir={data_dir!r} does not exist")
+    elif kind == "coco_json":
+        eval_hint = (" (evaluation runs during and after training: a held-out split, or the "
+                     "training files to check the fit)")
+        for split in ("train", "eval"):
+            ann = need(f"{split}_annotations", eval_hint if split == "eval" else "")
+            images = need(f"{split}_images", eval_hint if split == "eval" else "")
+            if not tf.io.gfile.exists(ann) or tf.io.gfile.isdir(ann):
+                raise ConfigError(f"config.dataset.{split}_annotations={ann!r}: no such file")
+            if not tf.io.gfile.isdir(images):
+                raise ConfigError(f"config.dataset.{split}_images={images!r}: no such folder")
+    elif kind == "voc_xml":
+        root = need("root")
+        if not tf.io.gfile.isdir(root):
+            raise ConfigError(f"config.dataset.root={root!r}: no such folder")
+        for split in ("train_split", "eval_split"):
+            path = os.path.join(root, "ImageSets", "Main", f"{need(split)}.txt")
+            if not tf.io.gfile.exists(path):
+                raise ConfigError(f"config.dataset.{split}={field(cfg, split)!r}: {path} not found")
 
 
 def _list_dir(path: str) -> set[str]:
@@ -164,11 +242,11 @@ def synthetic_table(cfg: Any, split: str) -> Table:
     """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train' or 'eval'."""
     from ssd_jax.data import synthetic
 
-    seed = int(_get(cfg, "seed", 0))
-    n = int(_get(cfg, f"num_{split}", 256 if split == "train" else 64))
-    size = int(_get(cfg, "image_size", 256))
+    seed = int(field(cfg, "seed"))
+    n = int(field(cfg, f"num_{split}"))
+    size = int(field(cfg, "image_size"))
     syn_split = "train" if split == "train" else "val"
-    cache_dir = _get(cfg, "cache_dir", "")
+    cache_dir = field(cfg, "cache_dir")
     data = None
     cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}.npz") if cache_dir else ""
     if cache and tf.io.gfile.exists(cache):
@@ -188,6 +266,7 @@ def synthetic_table(cfg: Any, split: str) -> Table:
         k = int(data["num_boxes"][i])
         builder.add(int(data["image_id"][i]), "", data["boxes"][i, :k], data["labels"][i, :k])
     table = builder.build(names, what=f"synthetic {split}")
+    table.category_ids = tuple(range(1, len(names) + 1))
     table.paths = None
     table.images = np.ascontiguousarray(data["image"])
     return table
@@ -198,16 +277,17 @@ def synthetic_table(cfg: Any, split: str) -> Table:
 
 
 def coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> Table:
-    """COCO-format `annotations` (json) + `images_dir`. Category ids (sorted) map to 1..K."""
+    """COCO-format `annotations` (json) + `images_dir`. Category ids (sorted) map to labels 1..K;
+    `Table.category_ids` keeps the ids, `Table.image_id` the file's image ids."""
     if not tf.io.gfile.exists(annotations):
         raise FileNotFoundError(f"COCO annotation file not found: {annotations}")
     with tf.io.gfile.GFile(annotations, "r") as f:
         try:
             coco = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{annotations}: not valid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{annotations}: not valid JSON ({e})") from None
     if not isinstance(coco, dict) or "images" not in coco or "categories" not in coco:
-        raise ValueError(f"{annotations}: not a COCO annotation file (needs 'images', 'categories')")
+        raise DataError(f"{annotations}: not a COCO annotation file (needs 'images', 'categories')")
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     cat_to_label = {c["id"]: i + 1 for i, c in enumerate(cats)}
     names = tuple(c["name"] for c in cats)
@@ -216,6 +296,7 @@ def coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> T
     for a in coco.get("annotations", []):
         per_image.setdefault(a["image_id"], []).append(a)
     builder = _TableBuilder(keep_crowd=keep_crowd)
+    pixel_extent, widths = 0.0, []
     for img in coco["images"]:
         fname = img["file_name"]
         if fname not in present:
@@ -229,15 +310,36 @@ def coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> T
                 continue
         boxes, labels, crowd = [], [], []
         for a in per_image.get(img["id"], []):
-            if a.get("category_id") not in cat_to_label or len(a.get("bbox", ())) != 4:
+            bbox = a.get("bbox", ())
+            if a.get("category_id") not in cat_to_label or len(bbox) != 4:
                 builder.stats["annotations_invalid_dropped"] += 1
                 continue
-            x, y, bw, bh = (float(v) for v in a["bbox"])
+            try:
+                x, y, bw, bh = (float(v) for v in bbox)
+            except (TypeError, ValueError):
+                builder.stats["annotations_invalid_dropped"] += 1
+                continue
             boxes.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
             labels.append(cat_to_label[a["category_id"]])
             crowd.append(bool(a.get("iscrowd", 0)))
+            if np.isfinite([x, y, bw, bh]).all():
+                pixel_extent = max(pixel_extent, abs(x), abs(y), abs(x + bw), abs(y + bh))
+        widths.append(min(w, h))
         builder.add(img["id"], os.path.join(images_dir, fname), boxes, labels, iscrowd=crowd)
-    return builder.build(names, what=f"{annotations}")
+    table = builder.build(names, what=f"{annotations}")
+    table.category_ids = tuple(int(c["id"]) for c in cats)
+    table.warnings += _normalized_warning(annotations, pixel_extent, widths, len(table.labels))
+    return table
+
+
+def _normalized_warning(what: str, pixel_extent: float, sides: list[float], n: int) -> list[str]:
+    """A warning when every pixel coordinate fits in [0, 1.5] on images hundreds of pixels wide:
+    the boxes were likely written normalized instead of in pixels."""
+    if n and pixel_extent <= 1.5 and sides and float(np.median(sides)) >= 100:
+        return [f"{what}: every box coordinate is <= {pixel_extent:.2g} on images about "
+                f"{np.median(sides):.0f} px wide: the boxes look normalized, but this format takes "
+                "pixels (multiply them by the image width/height)"]
+    return []
 
 
 def _image_size(path: str) -> tuple[float, float]:
@@ -282,7 +384,11 @@ def _voc_ids(root: str, split: str) -> list[str]:
         return [line.split()[0] for line in f if line.strip()]
 
 
-def _image_id(stem: str) -> int:
+def image_id_from_name(name: str) -> int:
+    """The image id of a file name without one in an annotation file: the digits of its stem
+    (VOC's 2008_000123.jpg -> 2008000123, COCO's 000000397133.jpg -> 397133), or a 56-bit hash
+    of the stem when it has no digits or more than 17. The one rule of every source."""
+    stem = os.path.splitext(os.path.basename(name))[0]
     digits = re.sub(r"\D", "", stem)
     if digits and len(digits) < 18:
         return int(digits)
@@ -298,6 +404,7 @@ def voc_xml_table(root: str, split: str, class_names: tuple[str, ...], *,
     present = _list_dir(os.path.join(root, "JPEGImages"))
     to_label = {n: i + 1 for i, n in enumerate(class_names)}
     builder = _TableBuilder(keep_crowd=True)
+    pixel_extent, sides = 0.0, []
     for stem in _voc_ids(root, split):
         path = os.path.join(ann_dir, stem + ".xml")
         try:
@@ -340,8 +447,15 @@ def voc_xml_table(root: str, split: str, class_names: tuple[str, ...], *,
             boxes.append([(x0 - 1) / w, (y0 - 1) / h, x1 / w, y1 / h])
             labels.append(to_label[name])
             difficult.append(diff)
-        builder.add(_image_id(stem), image_path, boxes, labels, difficult=difficult)
-    return builder.build(class_names, what=f"{root} split {split}")
+            if np.isfinite([x0, y0, x1, y1]).all():
+                pixel_extent = max(pixel_extent, abs(x0), abs(y0), abs(x1), abs(y1))
+        sides.append(min(w, h))
+        builder.add(image_id_from_name(stem), image_path, boxes, labels, difficult=difficult)
+    table = builder.build(class_names, what=f"{root} split {split}")
+    table.category_ids = tuple(range(1, len(class_names) + 1))
+    table.warnings += _normalized_warning(f"{root} split {split}", pixel_extent, sides,
+                                          len(table.labels))
+    return table
 
 
 # ------------------------------------------------------------------------------------------
@@ -393,6 +507,8 @@ class TfdsSource:
 
 
 def _standardize_tfds(ex: dict, keep_crowd: bool, use_difficult: bool) -> dict:
+    """A TFDS example in the source contract: the same numpy repair (`repair_boxes`) and image
+    id rule (`image_id_from_name`) as the table sources, run through tf.numpy_function."""
     objects = ex["objects"]
     bbox = tf.reshape(tf.cast(objects["bbox"], tf.float32), [-1, 4])
     n = tf.shape(bbox)[0]
@@ -400,108 +516,105 @@ def _standardize_tfds(ex: dict, keep_crowd: bool, use_difficult: bool) -> dict:
     labels = tf.cast(objects["label"], tf.int32) + 1
     difficult = tf.cast(objects.get("is_difficult", tf.zeros([n], tf.bool)), tf.bool)
     iscrowd = tf.cast(objects.get("is_crowd", tf.zeros([n], tf.bool)), tf.bool)
-    clipped = tf.clip_by_value(boxes, 0.0, 1.0)
-    finite = tf.reduce_all(tf.math.is_finite(boxes), axis=1)
-    keep = finite & (clipped[:, 2] - clipped[:, 0] > _MIN_BOX_SIDE) & (
-        clipped[:, 3] - clipped[:, 1] > _MIN_BOX_SIDE)
-    n_clipped = tf.reduce_sum(tf.cast(keep & tf.reduce_any(clipped != boxes, axis=1), tf.int32))
-    n_dropped = n - tf.reduce_sum(tf.cast(keep, tf.int32))
-    boxes = clipped
-    if not keep_crowd:
-        keep &= ~iscrowd
-    if not use_difficult:
-        keep &= ~difficult
+
+    def repair(boxes, iscrowd, difficult):
+        stats: Counter = Counter()
+        fixed, keep = repair_boxes(boxes, stats)
+        out = np.zeros_like(boxes)
+        out[keep] = fixed
+        keep &= (keep_crowd | ~iscrowd) & (use_difficult | ~difficult)
+        return (out, keep, np.int32(stats["boxes_clipped"]),
+                np.int32(stats["boxes_degenerate_dropped"]))
+
+    boxes, keep, n_clipped, n_dropped = tf.numpy_function(
+        repair, [boxes, iscrowd, difficult], [tf.float32, tf.bool, tf.int32, tf.int32],
+        stateful=False)
+    boxes = tf.reshape(boxes, [-1, 4])
+    keep = tf.reshape(keep, [-1])
     if "image/id" in ex:
         image_id = tf.cast(ex["image/id"], tf.int64)
-    else:  # VOC: digits of the file name (2008_000123.jpg -> 2008000123)
-        fname = ex["image/filename"]
-        digits = tf.strings.substr(tf.strings.regex_replace(
-            tf.strings.regex_replace(fname, r"\.[^.]*$", ""), r"\D", ""), 0, 17)
-        image_id = tf.cond(tf.strings.length(digits) > 0,
-                           lambda: tf.strings.to_number(digits, tf.int64),
-                           lambda: tf.strings.to_hash_bucket_fast(fname, 2**53))
+    else:  # VOC: the digits of the file name (2008_000123.jpg -> 2008000123)
+        image_id = tf.numpy_function(
+            lambda f: np.int64(image_id_from_name(f.decode())), [ex["image/filename"]], tf.int64,
+            stateful=False)
+        image_id = tf.reshape(image_id, [])
     return {
         "encoded": ex["image"], "image_id": image_id,
         "boxes": tf.boolean_mask(boxes, keep), "labels": tf.boolean_mask(labels, keep),
         "difficult": tf.boolean_mask(difficult, keep), "iscrowd": tf.boolean_mask(iscrowd, keep),
-        "stat_boxes_clipped": n_clipped, "stat_boxes_degenerate_dropped": n_dropped,
+        "stat_boxes_clipped": tf.reshape(n_clipped, []),
+        "stat_boxes_degenerate_dropped": tf.reshape(n_dropped, []),
     }
 
 
 def tfds_source(cfg: Any) -> TfdsSource:
     import tensorflow_datasets as tfds
 
-    name = _require(cfg, "name", "tfds")
+    name = field(cfg, "name")
     names = tuple(n.strip() for n in (name.split("+") if isinstance(name, str) else name))
-    data_dir = _get(cfg, "data_dir") or None
+    data_dir = field(cfg, "data_dir") or None
     builders, class_names = [], None
     for n in names:
         try:
             builder = tfds.builder(n, data_dir=data_dir)
         except Exception as e:  # noqa: BLE001 - tfds raises several types for unknown names
-            raise ValueError(f"config.dataset.name: unknown TFDS dataset {n!r} ({e})") from e
+            raise ConfigError(f"config.dataset.name: unknown TFDS dataset {n!r} ({e})") from None
         feat = builder.info.features["objects"]["label"]
         names_n = tuple(feat.names)
         if class_names is not None and names_n != class_names:
-            raise ValueError(f"TFDS datasets {names} have different class names")
+            raise ConfigError(f"config.dataset.name: TFDS datasets {names} have different classes")
         class_names = names_n
         builders.append(builder)
     return TfdsSource(names, data_dir, class_names, tuple(builders))
 
 
+def category_ids_of(class_names: tuple[str, ...], tfds_names: tuple[str, ...] = ()) -> tuple[int, ...]:
+    """The dataset ids of labels 1..K: COCO's own category ids for TFDS coco (matched by name
+    against COCO's 91-entry list), else the labels themselves."""
+    from ssd_jax import coco
+
+    if any(n.startswith("coco") for n in tfds_names):
+        by_name = {c.replace("_", " "): i for i, c in enumerate(coco.COCO_CATEGORIES_91)}
+        ids = [by_name.get(c.replace("_", " ")) for c in class_names]
+        if all(i is not None for i in ids):
+            return tuple(int(i) for i in ids)
+        logging.warning("TFDS %s class names do not all match COCO's; category ids are the labels",
+                        tfds_names)
+    return tuple(range(1, len(class_names) + 1))
+
+
 # ------------------------------------------------------------------------------------------
 # entry point
 
-_CACHE: dict[tuple[str, str], Any] = {}
-
-
-def _cfg_key(cfg: Any) -> str:
-    if hasattr(cfg, "to_json"):
-        return cfg.to_json()
-    return json.dumps(dict(cfg), sort_keys=True, default=str)
-
-
 def load_source(cfg: Any, split: str) -> Table | TfdsSource:
-    """The source of `split` ('train' or 'eval') for dataset config `cfg` (cached per config).
+    """The source of `split` ('train' or 'eval') for dataset config `cfg` (config.dataset).
 
-    Raises ValueError / FileNotFoundError naming the field or path when the dataset is unusable.
+    Raises ConfigError / DataError / FileNotFoundError naming the field or path when the dataset
+    is unusable (a table split without a usable box included). Not cached: the input pipeline
+    object (`ssd_jax.data.pipeline.InputPipeline`) holds the sources it built.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    kind = _get(cfg, "kind")
-    if kind not in KINDS:
-        raise ValueError(f"config.dataset.kind must be one of {KINDS}, got {kind!r}")
-    key = (_cfg_key(cfg), split if kind != "tfds" else "")
-    if key in _CACHE:
-        return _CACHE[key]
+    validate_dataset_config(cfg)
+    kind = field(cfg, "kind")
     keep_crowd = split == "eval"
     if kind == "synthetic":
         src = synthetic_table(cfg, split)
     elif kind == "coco_json":
-        src = coco_json_table(_require(cfg, f"{split}_annotations", kind),
-                              _require(cfg, f"{split}_images", kind), keep_crowd=keep_crowd)
+        src = coco_json_table(field(cfg, f"{split}_annotations"), field(cfg, f"{split}_images"),
+                              keep_crowd=keep_crowd)
     elif kind == "voc_xml":
-        root = _require(cfg, "root", kind)
-        if not tf.io.gfile.isdir(root):
-            raise FileNotFoundError(f"config.dataset.root: VOC folder not found: {root}")
-        names = _get(cfg, "class_names")
-        if names:
-            names = tuple(names)
-        else:
-            splits = [_get(cfg, "train_split", "trainval"), _get(cfg, "eval_split", "test")]
-            names = voc_class_names(root, [s for s in splits if _voc_split_exists(root, s)])
-        split_name = _get(cfg, f"{split}_split", "trainval" if split == "train" else "test")
-        use_difficult = bool(_get(cfg, "use_difficult", True)) or split == "eval"
-        src = voc_xml_table(root, split_name, names, use_difficult=use_difficult)
+        root = field(cfg, "root")
+        names = tuple(field(cfg, "class_names"))
+        if not names:
+            names = voc_class_names(root, [field(cfg, "train_split"), field(cfg, "eval_split")])
+        use_difficult = bool(field(cfg, "use_difficult")) or split == "eval"
+        src = voc_xml_table(root, field(cfg, f"{split}_split"), names, use_difficult=use_difficult)
     else:
         src = tfds_source(cfg)
     if isinstance(src, Table):
-        repaired = {k: v for k, v in src.stats.items() if v}
+        what = f"config.dataset ({kind}, {split} split)"
+        src.check_usable(what)
         logging.info("dataset %s/%s: %d images, %d boxes, %d classes; repairs: %s", kind, split,
-                     len(src), len(src.labels), len(src.class_names), repaired or "none")
-    _CACHE[key] = src
+                     len(src), len(src.labels), len(src.class_names), _describe(src.stats))
     return src
-
-
-def _voc_split_exists(root: str, split: str) -> bool:
-    return tf.io.gfile.exists(os.path.join(root, "ImageSets", "Main", f"{split}.txt"))

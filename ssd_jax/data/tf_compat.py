@@ -1,12 +1,36 @@
 """TensorFlow for host-side data work, with every GPU hidden from it (done once, on import).
 
 Modules of `ssd_jax.data` import `tf` from here, so TensorFlow never grabs accelerator memory
-that JAX needs.
+that JAX needs. The import itself is quiet: TensorFlow's C++ start-up banners (oneDNN notices
+written before its logging is initialized, which TF_CPP_MIN_LOG_LEVEL does not silence) are
+dropped unless SSD_JAX_DEBUG is set; Python errors of the import still show.
 """
 
 from __future__ import annotations
 
-import tensorflow as tf
+import os
+import sys
+
+
+def _import_tensorflow():
+    if "tensorflow" in sys.modules or os.environ.get("SSD_JAX_DEBUG", "") not in ("", "0"):
+        import tensorflow
+
+        return tensorflow
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tensorflow
+
+
+tf = _import_tensorflow()
 
 try:
     tf.config.set_visible_devices([], "GPU")

@@ -1,11 +1,14 @@
-"""Draw batches (ground truth or predictions) as a PNG grid."""
+"""Pictures: batches (ground truth or predictions) as a PNG grid, detections drawn on an image,
+precision/recall curves. Pillow and matplotlib only (no TensorFlow)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 
 def save_sample_grid(
@@ -63,3 +66,75 @@ def save_sample_grid(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+            (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195))
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+                    class_names: Sequence[str]) -> Image.Image:
+    """The image with pixel corner boxes [N,4], 'name score' captions; colors by class."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    h, w = image.shape[:2]
+    width = max(1, round(max(h, w) / 300))
+    try:
+        font = ImageFont.load_default(size=max(10, round(max(h, w) / 40)))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    for box, label, score in zip(boxes, labels, scores):
+        color = _PALETTE[int(label) % len(_PALETTE)]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle((x0, y0, x1, y1), outline=color, width=width)
+        name = class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else str(label)
+        text = f"{name} {float(score):.2f}"
+        tb = draw.textbbox((0, 0), text, font=font)
+        tw, th = tb[2] - tb[0], tb[3] - tb[1]
+        ty = y0 - th - 4 if y0 - th - 4 >= 0 else min(y1 + 1, h - th - 4)
+        draw.rectangle((x0, ty, x0 + tw + 4, ty + th + 4), fill=color)
+        draw.text((x0 + 2, ty + 2 - tb[1]), text, fill=(0, 0, 0) if sum(color) > 400 else
+                  (255, 255, 255), font=font)
+    return pil
+
+
+def plot_pr_curves(class_names: Sequence[str], precision: Sequence[Any], recall: Sequence[Any],
+                   aps: Sequence[float], path: str, title: str = "") -> str:
+    """One precision/recall subplot per class (matplotlib, Agg), AP in the title; saved to path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.axis("off")
+            continue
+        p, r = precision[k], recall[k]
+        if p is not None and len(p):
+            # the envelope (what AP integrates) and the raw curve
+            env = np.maximum.accumulate(np.asarray(p)[::-1])[::-1]
+            ax.plot(r, p, color="0.7", lw=0.8)
+            ax.step(r, env, where="post", color="tab:blue", lw=1.4)
+        ap = aps[k]
+        ax.set_title(f"{class_names[k]}: {'n/a' if math.isnan(ap) else f'{ap:.3f}'}",
+                     fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("recall", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("precision", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,383 @@
+"""The command-line layer shared by every `experiments` command (and its `ssd-*` console script).
+
+`run(main, ...)` wraps `absl.app.run`:
+
+* ``--config=NAME`` (a file of the commands' config folder, e.g. ``ssd300_voc``) or
+  ``--config=PATH.py``, then ``--config.a.b=VALUE`` overrides, are parsed here, not by
+  ml_collections' flag (which parses the command line while flags are being defined, so a typo
+  ended in a traceback before any command code ran). An unknown field names the closest known
+  one; a value of the wrong type names the type.
+* ``--print_config`` prints the config's fields with the comment each config file gives them.
+* ``--help`` exits 0 (absl exits 1).
+* A `ssd_jax.errors.UserError` (and a missing file, a folder that is a file, no permission)
+  becomes ``error: <message>`` and exit status 1; Ctrl-C becomes one line (exit 130). With
+  ``--debug`` or ``SSD_JAX_DEBUG=1`` the traceback is shown instead.
+* TensorFlow's C++ INFO/WARNING banners are silenced (``TF_CPP_MIN_LOG_LEVEL=2``, unless set).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app, flags
+
+from ssd_jax.errors import ConfigError, UserError
+
+FLAGS = flags.FLAGS
+
+#: Exceptions shown as a short message: the user's mistakes, not bugs.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               FileExistsError)
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return os.environ.get("SSD_JAX_DEBUG", "") not in ("", "0") or "--debug" in argv
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def config_names(configs_dir: str) -> list[str]:
+    """The config names of a folder: its `*.py` files that define `get_config`."""
+    if not os.path.isdir(configs_dir):
+        return []
+    out = []
+    for f in sorted(os.listdir(configs_dir)):
+        if f.endswith(".py") and not f.startswith("_"):
+            with open(os.path.join(configs_dir, f)) as fh:
+                if "def get_config" in fh.read():
+                    out.append(f[:-3])
+    return out
+
+
+def resolve_config(spec: str, configs_dir: str | None) -> str:
+    """The file of ``--config=spec``: a path to a .py file, or a name from `configs_dir`."""
+    if os.path.isfile(spec):
+        return os.path.abspath(spec)
+    if configs_dir and re.fullmatch(r"\w+", spec):
+        path = os.path.join(configs_dir, spec + ".py")
+        if os.path.isfile(path):
+            return path
+    known = ", ".join(config_names(configs_dir)) if configs_dir else ""
+    hint = f" Known names: {known}." if known else ""
+    raise ConfigError(f"--config={spec}: no such file and no config of that name.{hint}")
+
+
+def load_config_file(path: str) -> Any:
+    """`get_config()` of the Python file at `path` (a ConfigDict)."""
+    name = "ssd_jax_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"--config={path}: syntax error at line {e.lineno}: {e.msg}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config={path}: the file defines no get_config()")
+    return module.get_config()
+
+
+def field_paths(config: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf field of a ConfigDict (groups recursed into)."""
+    out = []
+    for key in config.keys():
+        value = config[key]
+        path = f"{prefix}{key}"
+        if hasattr(value, "keys") and callable(value.keys):
+            out += field_paths(value, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def _suggest(dotted: str, config: Any) -> str:
+    paths = field_paths(config)
+    leaf = dotted.split(".")[-1]
+    same_leaf = [p for p in paths if p.split(".")[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(dotted, paths, n=1, cutoff=0.6) or \
+        [p for p in paths if p.split(".")[-1] in difflib.get_close_matches(
+            leaf, [q.split(".")[-1] for q in paths], n=1, cutoff=0.7)][:1]
+    return f"; did you mean --config.{close[0]}?" if close else ""
+
+
+def parse_value(text: str, current: Any, field: str) -> Any:
+    """`text` from the command line as a value of the type of `current` (the field's value)."""
+    what = f"--config.{field}={text}"
+    if isinstance(current, bool):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{what}: config.{field} is a boolean (true or false)")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                value = None
+            if value is not None and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{what}: config.{field} is an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{what}: config.{field} is a number") from None
+    if isinstance(current, tuple | list):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, tuple | list):
+            items = [t.strip() for t in text.split(",") if t.strip()] if text.strip() else []
+            kind = type(current[0]) if len(current) else str
+            try:
+                value = [kind(t) for t in items]
+            except ValueError:
+                raise ConfigError(f"{what}: config.{field} is a list of {kind.__name__}, e.g. "
+                                  f"a,b or (1, 2)") from None
+        return type(current)(value)
+    if isinstance(current, str) or current is None:
+        return text
+    raise ConfigError(f"{what}: config.{field} cannot be set from the command line")
+
+
+def apply_override(config: Any, dotted: str, text: str) -> None:
+    """Set ``config.<dotted>`` from command-line `text`; ConfigError for an unknown field."""
+    parts = dotted.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        if not (hasattr(node, "keys") and part in node.keys()):
+            where = "config" + "".join("." + p for p in parts[:i])
+            raise ConfigError(f"--config.{dotted}: {where} has no field {part!r}"
+                              f"{_suggest(dotted, config)} (--print_config lists the fields)")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if hasattr(current, "keys"):
+        raise ConfigError(f"--config.{dotted}: config.{dotted} is a group of fields; set one of "
+                          f"them, e.g. --config.{dotted}.{next(iter(current.keys()), 'x')}=...")
+    value = parse_value(text, current, dotted)
+    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+        node[parts[-1]] = value
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[list[str], str | None, list[tuple[str, str]]]:
+    """(the other args, the --config value or None, [(field, text)] of --config.<field> args)."""
+    rest, spec, overrides = [], None, []
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest += args[i:]
+            break
+        m = re.fullmatch(r"--config(\.[\w.]+)?(?:=(.*))?", a, flags=re.S)
+        if m is None:
+            rest.append(a)
+            i += 1
+            continue
+        value = m.group(2)
+        if value is None:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{a} needs a value ({a}=VALUE)")
+            value = args[i + 1]
+            i += 1
+        if m.group(1):
+            overrides.append((m.group(1)[1:], value))
+        else:
+            spec = value
+        i += 1
+    return rest, spec, overrides
+
+
+def config_comments(*paths: str) -> dict[str, str]:
+    """{dotted field: comment} from ``config.a.b = ...  # comment`` lines of config files (an
+    inline comment, else the comment block right above); the first file that comments a field
+    wins."""
+    out: dict[str, str] = {}
+    for path in paths:
+        if not path or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            lines = f.read().splitlines()
+        above: list[str] = []
+        for i, line in enumerate(lines):
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            m = re.match(r"\s*config((?:\.\w+)+)\s*=[^#]*?(?:#\s*(.*))?$", line)
+            if m:
+                field = m.group(1)[1:]
+                comment = (m.group(2) or "").strip()
+                j = i + 1  # an inline comment continued on the following comment-only lines
+                while comment and j < len(lines) and lines[j].strip().startswith("#") and \
+                        lines[j].index("#") > len(line) - len(line.lstrip()):
+                    comment += " " + lines[j].strip().lstrip("#").strip()
+                    j += 1
+                if not comment and above:
+                    comment = " ".join(above)
+                if comment and field not in out:
+                    out[field] = comment
+            above = []
+    return out
+
+
+def format_config(config: Any, comments: dict[str, str]) -> str:
+    """Every field as ``name = value  # comment``, one per line, groups in declaration order."""
+    lines = []
+    for path in field_paths(config):
+        node = config
+        for p in path.split("."):
+            node = node[p]
+        text = f"{path} = {node!r}"
+        comment = comments.get(path)
+        lines.append(f"{text:<48}  # {comment}" if comment else text)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running
+
+#: libraries whose INFO lines stay off the console (a training run keeps them in WORKDIR/train.log):
+#: orbax writes ~45 per checkpoint, clu's logging writer repeats every scalar of the progress line,
+#: jax reports the TPU backend it did not find.
+QUIET_LOGGERS = ("/orbax/", "/clu/metric_writers/", "/jax/_src/xla_bridge.py")
+
+
+class _QuietLibraries:
+    """A logging filter: records below WARNING from QUIET_LOGGERS' files are dropped."""
+
+    def filter(self, record) -> bool:
+        import logging as py_logging
+
+        if record.levelno >= py_logging.WARNING:
+            return True
+        path = (record.pathname or "").replace(os.sep, "/")
+        return not any(q in path for q in QUIET_LOGGERS)
+
+
+def quiet_console() -> None:
+    """Keep library INFO chatter (QUIET_LOGGERS) out of absl's console handler."""
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+        handler.addFilter(_QuietLibraries())
+
+
+def run(main: Callable[..., Any], *, configs_dir: str | None = None,
+        default_config: str | None = None, argv: Sequence[str] | None = None) -> None:
+    """`absl.app.run(main)` with the behaviour of the module docstring.
+
+    With `configs_dir`, the command takes ``--config`` (default `default_config`, a name or None
+    for "no config") and `main(argv, config)` receives the loaded ConfigDict (or None); else
+    `main(argv)`.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv if argv is None else argv)
+    debug = _debug_requested(argv)
+    if "debug" not in FLAGS:
+        flags.DEFINE_boolean("debug", False, "Show the traceback of an error (also SSD_JAX_DEBUG=1).")
+    if configs_dir is not None and "config" not in FLAGS:
+        names = ", ".join(config_names(configs_dir))
+        flags.DEFINE_string("config", default_config,
+                            f"A config name ({names}) or a .py file with get_config(); override "
+                            "fields with --config.FIELD=VALUE (see --print_config).")
+        flags.DEFINE_boolean("print_config", False,
+                             "Print the config's fields (after overrides) with their comments, "
+                             "then exit.")
+    loaded: dict[str, Any] = {}
+
+    def fail(message: str, code: int = 1):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)
+
+    def parser(args: list[str]) -> list[str]:
+        try:
+            rest, spec, overrides = split_config_args(args) if configs_dir is not None else (
+                args, None, [])
+        except ConfigError as e:
+            fail(str(e), 2)
+        help_asked = any(a in _HELP for a in rest)
+        try:
+            remaining = FLAGS(rest)
+        except SystemExit:
+            if help_asked:
+                if configs_dir is not None:
+                    print("\nConfig fields: --print_config lists them with their comments "
+                          "(with --config=NAME, that config's).")
+                raise SystemExit(0) from None
+            raise
+        except flags.Error as e:
+            fail(f"{e} (--help lists the flags)", 2)
+        if configs_dir is None:
+            return remaining
+        spec = spec if spec is not None else FLAGS.config
+        if spec is None:
+            if overrides:
+                fail(f"--config.{overrides[0][0]} given without --config", 2)
+            loaded["config"] = None
+            return remaining
+        try:
+            path = resolve_config(spec, configs_dir)
+            config = load_config_file(path)
+            for field, text in overrides:
+                apply_override(config, field, text)
+        except ConfigError as e:
+            if debug:
+                raise
+            fail(str(e), 2)
+        FLAGS.config = path
+        if FLAGS.print_config:
+            default_path = os.path.join(configs_dir, f"{default_config or 'default'}.py")
+            others = [os.path.join(configs_dir, n + ".py") for n in config_names(configs_dir)]
+            print(f"# {path}\n" + format_config(config, config_comments(path, default_path, *others)))
+            sys.exit(0)
+        loaded["config"] = config
+        return remaining
+
+    def wrapped(args: list[str]) -> Any:
+        quiet_console()
+        try:
+            return main(args, loaded["config"]) if configs_dir is not None else main(args)
+        except KeyboardInterrupt as e:
+            if debug:
+                raise
+            message = str(e) if str(e) else "interrupted"
+            print(f"\n{message}", file=sys.stderr)
+            sys.exit(130)
+        except USER_ERRORS as e:
+            if debug:
+                raise
+            fail(_message(e))
+
+    app.run(wrapped, argv=argv, flags_parser=parser)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and not isinstance(e, UserError):
+        what = {FileNotFoundError: "not found", NotADirectoryError: "a path component is a file",
+                IsADirectoryError: "is a folder, not a file", PermissionError: "permission denied",
+                FileExistsError: "already exists"}.get(type(e), e.strerror)
+        return f"{e.filename}: {what}"
+    return str(e)

@@ -1,0 +1,33 @@
+"""The mistakes a user can make, as exception types the commands show in one to three lines.
+
+A `UserError` names the flag, config field or file at fault and what to do about it; the commands
+(`ssd_jax.cli.run`) print its message without a traceback (``--debug`` or ``SSD_JAX_DEBUG=1``
+shows it). Anything else that escapes is a bug and keeps its traceback. Every class here is also
+a ValueError (or the matching builtin), so library callers that catch those keep working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message says what is wrong and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config field has a value that cannot run (names the field: ``config.x.y``)."""
+
+
+class DataError(UserError, ValueError):
+    """The dataset cannot train or evaluate a model (no usable box, suspicious annotations)."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint's variables do not fit the model its config describes (names the leaf)."""
+
+
+class WorkdirMismatchError(UserError, ValueError):
+    """A workdir holds a run whose config differs from the one asked for (lists the fields)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the step reached and the last checkpoint."""

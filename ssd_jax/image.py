@@ -1,0 +1,112 @@
+"""Host-side image reading and the one resize used by both prediction and evaluation.
+
+  read_image(path_or_file)  image file -> uint8 [H,W,3] RGB (Pillow)
+  decode_image(data)        encoded bytes -> uint8 [H,W,3] RGB (Pillow)
+  resize(image, size)       uint8 [H,W,3] -> uint8 [size,size,3], bilinear
+
+`resize` is bit-exact with the TensorFlow resize of the evaluation pipeline
+(`ssd_jax.data.augment.eval_resize`):
+
+    out = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
+    out = tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+(half-pixel centers, no antialiasing), so an image predicted on the host sees the same pixels as
+in evaluation. It replays TF's CPU kernel in float32 numpy, with TF's order of operations. This
+module imports only numpy and Pillow.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["decode_image", "read_image", "resize"]
+
+
+def read_image(path_or_file: str | os.PathLike | BinaryIO) -> np.ndarray:
+    """An image file (path or binary file object) -> uint8 [H,W,3] RGB.
+
+    Grayscale, alpha, palette and CMYK images are converted with Pillow's `convert("RGB")` (alpha
+    is dropped). Raises PIL.UnidentifiedImageError (an OSError) or OSError on undecodable data.
+    """
+    with Image.open(path_or_file) as img:
+        img.load()
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H,W,3] RGB, as `read_image`."""
+    return read_image(io.BytesIO(data))
+
+
+def _interpolation(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TF's half-pixel-centers bilinear weights along one axis: (lower [out] int, upper [out] int,
+    lerp [out] float32), computed in float32 as `compute_interpolation_weights` does:
+    in = (i + 0.5) * (in_size / out_size) - 0.5, lower = max(floor(in), 0),
+    upper = min(ceil(in), in_size - 1), lerp = in - floor(in)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(src)
+    lower = np.maximum(floor.astype(np.int64), 0)
+    upper = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
+    lower = np.minimum(lower, upper)
+    return lower, upper, (src - floor).astype(np.float32)
+
+
+def _lerp_(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """a + (b - a) * t in float32, written into (and returning) `b`: TF's order of operations,
+    one rounding per operation (no fused multiply-add)."""
+    b -= a
+    b *= t
+    b += a
+    return b
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize uint8 [H,W,C] -> uint8 [size,size,C], bit-exact with
+    `tf.image.resize(..., method="bilinear")` on the float image followed by round-half-to-even
+    and a clip to [0, 255]. An image already [size,size,C] is returned unchanged (the same object).
+
+    Separable: each needed input row is interpolated along x first (TF's `top`/`bottom`), then the
+    two rows along y (TF: top + (bottom - top) * y_lerp).
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"resize expects a uint8 [H,W,C] image, got {image.dtype} {image.shape}")
+    if size < 1:
+        raise ValueError(f"resize size must be positive, got {size}")
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    if h == 0 or w == 0:
+        raise ValueError(f"cannot resize an empty image of shape {image.shape}")
+    c = image.shape[2]
+    y0, y1, ty = _interpolation(h, size)
+    x0, x1, tx = _interpolation(w, size)
+    # Work on [rows, W*C]: a column gather is then one flat gather per row (much faster than
+    # gathering [W] out of [W, C]); the x weights are repeated per channel.
+    channel = np.arange(c)
+    x0 = (x0[:, None] * c + channel).ravel()  # [size*C]
+    x1 = (x1[:, None] * c + channel).ravel()
+    tx = np.repeat(tx, c)  # [size*C]
+    flat = image.reshape(h, w * c)
+
+    def rows_x(rows: np.ndarray) -> np.ndarray:
+        """uint8 [R, W*C] -> float32 [R, size*C] interpolated along x (TF's top/bottom)."""
+        return _lerp_(rows[:, x0].astype(np.float32), rows[:, x1].astype(np.float32), tx)
+
+    if 2 * size < h:  # shrinking a lot: interpolate only the 2*size input rows that are read
+        across = rows_x(flat[np.concatenate([y0, y1])])
+        top, bottom = across[:size], across[size:]
+    else:  # every input row is read (about) once: interpolate them all, then pick
+        across = rows_x(flat)
+        top, bottom = across[y0], across[y1]
+    out = _lerp_(top, bottom, ty[:, None])  # [size, size*C]
+    np.rint(out, out=out)  # tf.round: half to even
+    np.clip(out, 0.0, 255.0, out=out)
+    return out.astype(np.uint8).reshape(size, size, c)

@@ -1,0 +1,587 @@
+"""Inference with a trained SSD: load a run, check its checkpoint, predict and evaluate.
+
+    run = load_run(workdir)                      # run_info.json + checkpoint (latest or step)
+    predictor = Predictor.from_run(run)          # or Predictor.from_torchvision("ssd300.pth")
+    dets = predictor.predict([image_a, image_b]) # uint8 [H,W,3] of any size and mode
+    dets[0].boxes                                # [N,4] pixel corners in image_a; .scores, .labels,
+                                                 # .category_ids (the training data's own ids)
+    result = predict_files(predictor, paths, out_dir)      # PNGs + COCO results JSON
+    report = evaluate_run(run)                   # the training loop's evaluator on a checkpoint
+
+Every image goes through `ssd_jax.image.resize`, the function the evaluation pipeline uses, so a
+file predicted here and the same file evaluated by `evaluate_run` give the same detections. This
+module imports no TensorFlow (`evaluate_run` does, when called: it reads the eval data).
+
+Ids. A run keeps the training data's category ids (`run_info.json` "category_ids": a COCO-JSON
+file's own ids, COCO's ids for TFDS coco, else the labels 1..K); results are written in those ids,
+and with an annotation file, in its image ids. torchvision's COCO SSD300 predicts COCO's ids.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ssd_jax import image as image_lib
+from ssd_jax.errors import CheckpointMismatchError, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+#: torchvision's SSD300 post-processing (also the paper's).
+TORCHVISION_DETECT = {"score_threshold": 0.01, "pre_nms_top_k": 400, "iou_threshold": 0.45,
+                      "max_detections": 200}
+DETECT_FIELDS = ("score_threshold", "pre_nms_top_k", "iou_threshold", "max_detections")
+
+
+# ----------------------------------------------------------------------------- a training run
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training workdir holds, ready for inference.
+
+    Attributes:
+      model: the SSD of the run's config (no BatchNorm axis: plain inference).
+      variables: {"params": ..., ["batch_stats": ...]} as host numpy arrays.
+      config: the run's ConfigDict (from run_info.json).
+      class_names: names of labels 1..C-1.
+      category_ids: the dataset's id of label i at [i-1].
+      step: the checkpoint's step.
+      workdir: the folder.
+    """
+
+    model: Any
+    variables: dict[str, Any]
+    config: Any
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]
+    step: int
+    workdir: str
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """The run in `workdir` at its latest checkpoint (or `step`), checked to fit its model.
+
+    Raises UserError naming what is missing (not a workdir, no checkpoint, no such step) and
+    CheckpointMismatchError when the checkpoint does not fit the model of run_info.json.
+    """
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from ssd_jax import train_lib
+
+    if not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir}: no such folder")
+    info = train_lib.read_run_info(workdir)
+    if info is None:
+        raise UserError(f"--workdir={workdir} is not a training workdir of ssd_jax (no "
+                        f"{train_lib.RUN_INFO}); give the --workdir a training run wrote")
+    config = ml_collections.ConfigDict(info["config"])
+    num_classes = int(info["num_classes"])
+    model = train_lib.create_model(config, num_classes, axis_name=None)
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"--workdir={workdir} has no checkpoints/ yet (the run has not saved one)")
+    with ocp.CheckpointManager(ckpt_dir) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise UserError(f"--workdir={workdir} has no checkpoint yet (the run has not saved one)")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise UserError(f"--step={step}: no checkpoint of that step in {ckpt_dir}; steps "
+                            f"there: {steps}")
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+    variables = {"params": restored["params"]}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
+    class_names = tuple(info["class_names"])
+    if len(class_names) != num_classes - 1:
+        raise CheckpointMismatchError(
+            f"run_info.json of {workdir} names {len(class_names)} classes but num_classes="
+            f"{num_classes} (expected num_classes - 1 names, background excluded)")
+    category_ids = tuple(int(c) for c in info.get("category_ids") or range(1, num_classes))
+    check_variables_fit(model, variables, what=f"checkpoint of step {step} in {workdir}")
+    return Run(model, variables, config, class_names, category_ids, int(step),
+               os.path.abspath(workdir))
+
+
+def check_variables_fit(model: Any, variables: Any, what: str = "checkpoint") -> None:
+    """Raise CheckpointMismatchError naming the first leaf whose presence or shape differs from
+    what `model` expects (e.g. a checkpoint trained with another num_classes or model)."""
+    import jax
+    import jax.numpy as jnp
+
+    size = model.prior_spec.image_size
+    expected = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8)))
+    exp = {jax.tree_util.keystr(k): tuple(v.shape)
+           for k, v in jax.tree_util.tree_leaves_with_path(dict(expected))}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v))
+           for k, v in jax.tree_util.tree_leaves_with_path(dict(variables))}
+    desc = (f"the model {getattr(model, 'arch', '?')!r} with num_classes={model.num_classes} "
+            f"at {size} px")
+    hint = ""
+    heads = [k for k in got if "cls_head_0" in k and k.endswith("['bias']")]
+    if heads:
+        per_loc = model.prior_spec.boxes_per_location[0]
+        n = got[heads[0]][0]
+        if n % per_loc == 0 and n // per_loc != model.num_classes:
+            hint = f" (the {what} has a class head for num_classes={n // per_loc})"
+    for key, shape in exp.items():
+        if key not in got:
+            raise CheckpointMismatchError(f"the {what} does not fit {desc}: it has no {key} "
+                                          f"(expected shape {shape}){hint}")
+        if got[key] != shape:
+            raise CheckpointMismatchError(
+                f"the {what} does not fit {desc}: {key} has shape {got[key]} in the {what} but "
+                f"the model expects {shape}{hint}")
+    extra = sorted(set(got) - set(exp))
+    if extra:
+        raise CheckpointMismatchError(f"the {what} does not fit {desc}: it has {len(extra)} "
+                                      f"leaves the model lacks, e.g. {extra[0]}{hint}")
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def make_detect_fn(model: Any, detect_kwargs: dict[str, Any]) -> Callable[..., Any]:
+    """jit(variables, images uint8 [B,S,S,3]) -> postprocess.Detections: network, decode, NMS."""
+    import jax
+
+    from ssd_jax import postprocess, priors
+
+    prior_boxes = priors.generate_priors(model.prior_spec)
+
+    @jax.jit
+    def fn(variables, images):
+        cls_logits, box_preds = model.apply(variables, images, train=False)
+        return postprocess.detect(cls_logits, box_preds, prior_boxes, **detect_kwargs)
+
+    return fn
+
+
+@dataclasses.dataclass
+class ImageDetections:
+    """The detections of one image, in its own pixels.
+
+    boxes float [N,4] corners (xmin, ymin, xmax, ymax) in pixels; scores float [N] (descending);
+    labels int [N] (1..C-1); category_ids int [N] (the training data's ids of the labels).
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    category_ids: np.ndarray
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A model ready for inference: variables on the device and the jitted network + `detect`.
+
+    Attributes:
+      model: the SSD (its `prior_spec.image_size` is the input side).
+      variables: {"params": ..., ["batch_stats": ...]} on the device.
+      class_names: names of labels 1..C-1 (label i -> class_names[i - 1]).
+      category_ids: the dataset's id of label i at [i - 1].
+      detect_kwargs: arguments of `postprocess.detect` (thresholds, top-k, max detections).
+      fn: jitted (variables, uint8 images [B,S,S,3]) -> `postprocess.Detections`.
+      step: the checkpoint's step (None for converted weights).
+    """
+
+    model: Any
+    variables: Any
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]
+    detect_kwargs: dict[str, Any]
+    fn: Callable[..., Any]
+    step: int | None = None
+
+    @classmethod
+    def from_run(cls, run: Run, dtype: str | None = None) -> Predictor:
+        """The predictor of a loaded run, with the run's detect settings (config.detect)."""
+        import jax
+        import jax.numpy as jnp
+
+        model = run.model if dtype is None else run.model.clone(dtype=jnp.dtype(dtype))
+        detect_kwargs = {k: run.config.detect[k] for k in DETECT_FIELDS}
+        return cls(model, jax.device_put(run.variables), run.class_names, run.category_ids,
+                   detect_kwargs, make_detect_fn(model, detect_kwargs), run.step)
+
+    @classmethod
+    def from_torchvision(cls, path: str, dtype: str | None = None) -> Predictor:
+        """torchvision's ssd300_vgg16 state dict (.pth/.pt/.safetensors), converted on the fly;
+        torchvision's post-processing; labels are COCO's category ids for the 91-class weights."""
+        import jax
+        import jax.numpy as jnp
+
+        from ssd_jax import coco, convert
+
+        if not os.path.isfile(path):
+            raise UserError(f"--torchvision_checkpoint={path}: no such file")
+        try:
+            state_dict = convert.load_state_dict(path)
+            model, variables = convert.from_torchvision_ssd(
+                state_dict, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        except convert.StateDictError as e:
+            raise CheckpointMismatchError(
+                f"--torchvision_checkpoint={path} is not a torchvision ssd300_vgg16 state dict: "
+                f"{e}") from None
+        n = model.num_classes
+        names = (coco.COCO_CATEGORIES_91[1:] if n == len(coco.COCO_CATEGORIES_91)
+                 else tuple(f"class_{i}" for i in range(1, n)))
+        detect_kwargs = dict(TORCHVISION_DETECT)
+        return cls(model, jax.device_put(variables), tuple(names), tuple(range(1, n)),
+                   detect_kwargs, make_detect_fn(model, detect_kwargs))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.prior_spec.image_size)
+
+    def __call__(self, images: np.ndarray) -> Any:
+        """Detections (device arrays, dispatched asynchronously) of uint8 images [B,S,S,3]."""
+        return self.fn(self.variables, images)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [H,W,3] of any size -> uint8 [S,S,3]: the resize evaluation uses."""
+        return image_lib.resize(np.asarray(image, np.uint8), self.image_size)
+
+    def predict(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageDetections]:
+        """Detections of uint8 [H,W,3] RGB images of any sizes, boxes in each image's pixels.
+
+        Images are resized with `prepare` and run in batches of `batch_size` (the last one
+        padded: one compiled program for any number of images).
+        """
+        out: list[ImageDetections] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            batch = np.zeros((batch_size, self.image_size, self.image_size, 3), np.uint8)
+            for i, img in enumerate(chunk):
+                batch[i] = self.prepare(img)
+            dets = self.to_pixels(self(batch), [np.shape(img)[:2] for img in chunk])
+            out += dets
+        return out
+
+    def to_pixels(self, dets: Any, sizes: Sequence[tuple[int, int]]) -> list[ImageDetections]:
+        """The first len(sizes) rows of a batch's Detections, boxes scaled to (h, w) pixels."""
+        import jax
+
+        boxes, scores, classes, num = jax.device_get(tuple(dets))
+        cats = np.asarray((0,) + tuple(self.category_ids), np.int64)
+        out = []
+        for row, (h, w) in enumerate(sizes):
+            n = int(num[row])
+            labels = classes[row, :n].astype(np.int64)
+            out.append(ImageDetections(
+                boxes=boxes[row, :n].astype(np.float64) * np.array([w, h, w, h], np.float64),
+                scores=scores[row, :n].astype(np.float64), labels=labels,
+                category_ids=cats[np.clip(labels, 0, len(cats) - 1)]))
+        return out
+
+    def name(self, label: int) -> str:
+        return self.class_names[label - 1] if 0 < label <= len(self.class_names) else str(label)
+
+
+def load_predictor(workdir: str | None = None, torchvision_checkpoint: str | None = None,
+                   step: int | None = None, dtype: str | None = None) -> Predictor:
+    """A Predictor from a training workdir or a torchvision ssd300_vgg16 state dict (exactly one)."""
+    if (workdir is None) == (torchvision_checkpoint is None):
+        raise UserError("give exactly one of --workdir and --torchvision_checkpoint")
+    if workdir is not None:
+        return Predictor.from_run(load_run(workdir, step), dtype)
+    return Predictor.from_torchvision(torchvision_checkpoint, dtype)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def list_images(specs: Iterable[str]) -> list[str]:
+    """Files named in `specs` (each comma separated) and the image files of named folders
+    (sorted, not recursive). Named files are taken whatever their extension; a path that does
+    not exist is a UserError."""
+    out: list[str] = []
+    for spec in specs:
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            if os.path.isdir(part):
+                out += [os.path.join(part, f) for f in sorted(os.listdir(part))
+                        if f.lower().endswith(IMAGE_EXTENSIONS)
+                        and os.path.isfile(os.path.join(part, f))]
+            elif os.path.exists(part):
+                out.append(part)
+            else:
+                raise UserError(f"--images: {part} does not exist")
+    return out
+
+
+def image_ids(paths: Sequence[str], annotations: str | None = None) -> list[int]:
+    """The COCO image id of each file: from `annotations` (a COCO-JSON file; matched by file
+    name, UserError naming the files it lacks), else `image.image_id_from_name` (the digits of
+    the stem: COCO's 000000397133.jpg -> 397133) when those are distinct, else 1..N."""
+    if annotations is not None:
+        if not os.path.isfile(annotations):
+            raise UserError(f"--annotations={annotations}: no such file")
+        try:
+            with open(annotations) as f:
+                images = json.load(f)["images"]
+            by_name = {}
+            for img in images:
+                by_name[img["file_name"]] = int(img["id"])
+                by_name.setdefault(os.path.basename(img["file_name"]), int(img["id"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--annotations={annotations}: not a COCO annotation file with an "
+                            f"'images' list of {{id, file_name}} ({type(e).__name__}: {e})") from None
+        missing = [p for p in paths if os.path.basename(p) not in by_name]
+        if missing:
+            raise UserError(f"--annotations={annotations} has no image named "
+                            f"{os.path.basename(missing[0])} ({len(missing)} of {len(paths)} files "
+                            "missing); predict only the files the annotation file lists")
+        return [by_name[os.path.basename(p)] for p in paths]
+    ids = [image_lib.image_id_from_name(p) for p in paths]
+    return ids if len(set(ids)) == len(ids) else list(range(1, len(paths) + 1))
+
+
+def _output_names(paths: Sequence[str]) -> list[str]:
+    """Distinct PNG names <stem>.png (a repeated stem gets _2, _3, ...)."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        stem = os.path.splitext(os.path.basename(p))[0]
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
+    return names
+
+
+def _load(path: str, predictor: Predictor) -> tuple[np.ndarray, tuple[int, int]] | str:
+    """(resized image, original (height, width)) or the error message of an unreadable file."""
+    try:
+        img = image_lib.read_image(path)
+        return predictor.prepare(img), img.shape[:2]
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+        return f"{type(e).__name__}: {e}"
+
+
+@dataclasses.dataclass
+class PredictResult:
+    """What `predict_files` did: COCO results, PNGs written and files skipped (file, error)."""
+
+    results: list[dict[str, Any]]
+    pngs: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
+                  batch_size: int = 8, min_score: float = 0.3, annotations: str | None = None,
+                  progress: bool = True) -> PredictResult:
+    """Detect objects in image files; write one PNG per image and COCO results to `out_dir`.
+
+    Written: <stem>.png (the image at its size with the detections scoring >= min_score),
+    detections.json (every detection: {"image_id", "file_name", "category_id" (the training
+    data's ids), "category_name", "bbox": [x, y, w, h] pixels, "score"}; what
+    `COCO(annotations).loadRes` takes), skipped.json (only when some file could not be read).
+    Files are decoded and resized by a thread pool while the device runs the previous batch; an
+    unreadable file is skipped and reported, never fatal.
+    """
+    from tqdm import tqdm
+
+    from ssd_jax.data import visualize
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out={out_dir} is a file; give a folder")
+    if int(batch_size) <= 0:
+        raise UserError(f"--batch_size must be positive, got {batch_size}")
+    ids = image_ids(paths, annotations)
+    os.makedirs(out_dir, exist_ok=True)
+    size, b = predictor.image_size, int(batch_size)
+    names = _output_names(paths)
+    results: list[dict[str, Any]] = []
+    pngs: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
+
+    def draw(path: str, out: str, det: ImageDetections) -> str | None:
+        keep = det.scores >= min_score
+        try:
+            visualize.draw_detections(image_lib.read_image(path), det.boxes[keep], det.labels[keep],
+                                      det.scores[keep], predictor.class_names).save(out)
+            return None
+        except Exception as e:  # noqa: BLE001 - the file changed or vanished since it was read
+            return f"{type(e).__name__}: {e}"
+
+    def finish(ok: Sequence[int], sizes: list[tuple[int, int]], dets: Any):
+        futures = []
+        for i, det in zip(ok, predictor.to_pixels(dets, sizes), strict=True):
+            for box, score, label, cat in zip(det.boxes, det.scores, det.labels, det.category_ids):
+                results.append({
+                    "image_id": ids[i], "file_name": os.path.basename(paths[i]),
+                    "category_id": int(cat), "category_name": predictor.name(int(label)),
+                    "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                             float(box[3] - box[1])],
+                    "score": float(score)})
+            futures.append((i, pool.submit(draw, paths[i], os.path.join(out_dir, names[i]), det)))
+        return futures
+
+    pending = None
+    drawing: list[tuple[int, concurrent.futures.Future]] = []
+    order = list(range(len(paths)))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+        loaders = [pool.submit(_load, paths[i], predictor) for i in order[:b]]
+        for start in range(0, len(order), b):
+            batch_idx = order[start:start + b]
+            loaded = [f.result() for f in loaders]
+            nxt = order[start + b:start + 2 * b]
+            loaders = [pool.submit(_load, paths[i], predictor) for i in nxt]  # overlap the device
+            images = np.zeros((b, size, size, 3), np.uint8)  # padded to the fixed batch
+            ok, sizes = [], []
+            for i, item in zip(batch_idx, loaded, strict=True):
+                if isinstance(item, str):
+                    skipped.append((paths[i], item))
+                    continue
+                images[len(ok)] = item[0]
+                sizes.append(item[1])
+                ok.append(i)
+            dets = predictor(images) if ok else None  # dispatched asynchronously
+            if pending is not None:
+                drawing += finish(*pending)
+            pending = (ok, sizes, dets) if ok else None
+            bar.update(len(batch_idx))
+        if pending is not None:
+            drawing += finish(*pending)
+        for i, fut in drawing:
+            err = fut.result()
+            if err is None:
+                pngs.append(os.path.join(out_dir, names[i]))
+            else:
+                skipped.append((paths[i], err))
+    bar.close()
+
+    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+        json.dump(results, f)
+    skipped_path = os.path.join(out_dir, "skipped.json")
+    if skipped:
+        with open(skipped_path, "w") as f:
+            json.dump([{"file": p, "error": e} for p, e in skipped], f, indent=1)
+    elif os.path.exists(skipped_path):
+        os.remove(skipped_path)
+    return PredictResult(results, pngs, skipped)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int | None = None,
+                 metric: str | None = None, batch_size: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """The training loop's evaluation (`evaluation.Evaluator` over the shard_mapped eval step)
+    of a run's checkpoint, on its eval data or `dataset_config` (same classes).
+
+    Returns {"metrics": the evaluator's result, "step", "metric", "class_names", "curves":
+    {"precision", "recall", "AP", "num_gt"} per class (VOC matching at IoU 0.5), "results": COCO
+    results in the dataset's image and category ids}. Imports TensorFlow (the eval data).
+    """
+    import jax
+
+    from ssd_jax import evaluation, train_lib
+    from ssd_jax.data import pipeline
+    from ssd_jax.errors import DataError
+
+    config = run.config.copy_and_resolve_references()
+    class_names = run.class_names
+    with config.unlocked():
+        if dataset_config is not None:
+            config.dataset = dataset_config
+        if max_boxes is not None:
+            config.max_boxes = int(max_boxes)
+        if metric is not None:
+            config.metric = metric
+        if batch_size is not None:
+            config.eval_batch_size = int(batch_size)
+    train_lib.validate_config(config)
+    data = pipeline.InputPipeline(config.dataset)
+    if dataset_config is not None:
+        info = data.info()
+        if info.num_classes != run.model.num_classes:
+            raise DataError(
+                f"the dataset of --config has {info.num_classes} classes (with background) but "
+                f"the checkpoint in {run.workdir} was trained with num_classes="
+                f"{run.model.num_classes}")
+        if tuple(info.class_names) != tuple(class_names):
+            print(f"warning: the dataset's class names {info.class_names} differ from the run's "
+                  f"{class_names}; reporting the dataset's", file=sys.stderr)
+            class_names = tuple(info.class_names)
+    model = train_lib.create_model(config, run.model.num_classes)
+    steps = train_lib.make_eval_steps(config, model)
+    variables = jax.device_put({"params": run.variables["params"],
+                                "batch_stats": run.variables.get("batch_stats", {})},
+                               steps.replicated)
+    n_proc = jax.process_count()
+    batches = data.eval_iterator(image_size=model.prior_spec.image_size,
+                                 batch_size=config.eval_batch_size // n_proc,
+                                 max_boxes=config.max_boxes, process_index=jax.process_index(),
+                                 process_count=n_proc)
+    evaluator = evaluation.Evaluator(steps.predict_fn(), batches, num_classes=model.num_classes,
+                                     metric=config.metric, class_names=class_names,
+                                     progress=progress)
+    metrics = evaluator.run(variables)
+    gts, dets = evaluator.accumulator.records()  # every process's images, as result() scored
+    curves = evaluation.evaluate_voc(gts, dets, model.num_classes,
+                                     use_07_metric=config.metric != "voc", return_curves=True)
+    num_gt = []
+    for c in range(1, model.num_classes):
+        n = 0
+        for gt in gts:
+            sel = np.asarray(gt["labels"]) == c
+            difficult = np.asarray(gt.get("difficult", np.zeros(sel.shape, bool)), bool)
+            n += int(np.sum(sel & ~difficult))
+        num_gt.append(n)
+    curves["num_gt"] = num_gt
+    category_ids = run.category_ids if dataset_config is None else data.info().category_ids
+    return {"metrics": metrics, "step": run.step, "metric": config.metric,
+            "class_names": list(class_names), "curves": curves,
+            "results": evaluator.accumulator.coco_results(category_ids),
+            "input": data.summary()}
+
+
+def write_eval_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """metrics.json, detections.json (COCO results in the dataset's ids) and pr_curves.png in
+    `out_dir`; returns their paths. The per-class table is `evaluation.per_class_table`."""
+    import math
+
+    from ssd_jax.data import visualize
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out={out_dir} is a file; give a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    curves, names = report["curves"], report["class_names"]
+    names = names[-len(curves["AP"]):]
+    metric = report["metric"]
+    title = "AP50 (VOC area)" if metric == "coco" else "AP"
+    nan_to_none = lambda v: None if isinstance(v, float) and math.isnan(v) else v
+    metrics = dict(report["metrics"])
+    ap_list = metrics.pop("AP") if isinstance(metrics.get("AP"), list) else None
+    payload: dict[str, Any] = {"step": report["step"], "metric": metric,
+                               **{k: nan_to_none(v) for k, v in metrics.items()}}
+    if ap_list is not None:
+        payload["AP"] = [nan_to_none(a) for a in ap_list]
+    payload["per_class"] = {name: {title: nan_to_none(ap), "num_gt": n}
+                            for name, ap, n in zip(names, curves["AP"], curves["num_gt"])}
+    paths = {"metrics": os.path.join(out_dir, "metrics.json"),
+             "detections": os.path.join(out_dir, "detections.json"),
+             "pr_curves": os.path.join(out_dir, "pr_curves.png")}
+    with open(paths["metrics"], "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(paths["detections"], "w") as f:
+        json.dump(report.get("results", []), f)
+    head = "AP" if metric == "coco" else "mAP"
+    visualize.plot_pr_curves(names, curves["precision"], curves["recall"], curves["AP"],
+                             paths["pr_curves"],
+                             title=f"step {report['step']}: {metric} {head} "
+                                   f"{report['metrics'].get(head, float('nan')):.4f}")
+    return paths

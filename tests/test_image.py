@@ -1,0 +1,139 @@
+"""ssd_jax.image: `resize` is bit-exact with the TensorFlow bilinear resize of evaluation, and
+`read_image`/`decode_image` give uint8 RGB for every Pillow layout (and raise on garbage)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from ssd_jax import image as image_lib
+
+
+def _tf_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """The reference: the TensorFlow resize of the evaluation pipeline."""
+    import tensorflow as tf
+
+    out = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8).numpy()
+
+
+def _random_image(rng: np.random.Generator, h: int, w: int, smooth: bool = False) -> np.ndarray:
+    """uint8 [h,w,3]; `smooth` gives a random walk along x (neighbours differ by <= 2, so many
+    interpolated values land exactly on .5 and exercise round-half-to-even)."""
+    if smooth:
+        steps = rng.integers(-2, 3, (h, w, 3))
+        return np.clip(128 + np.cumsum(steps, axis=1), 0, 255).astype(np.uint8)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(("h", "w", "size"), [
+    (375, 500, 300),  # typical VOC image, downscale
+    (500, 375, 300),
+    (1000, 1500, 300),  # more than 2x smaller: only the rows read are interpolated
+    (2, 3, 300),  # large upscale
+    (1, 1, 7),  # a single pixel
+    (1, 40, 16),  # one row
+    (37, 1, 16),  # one column
+    (300, 1, 300),  # one column, same height
+    (299, 301, 300),  # off by one
+    (150, 600, 512),  # non-square, up in y and down in x
+    (17, 13, 1),  # to one pixel
+    (64, 64, 32),  # exact 2x
+    (64, 64, 128),
+])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_resize_matches_tensorflow(h, w, size, smooth):
+    rng = np.random.default_rng(h * 10007 + w * 101 + size)
+    img = _random_image(rng, h, w, smooth)
+    ours = image_lib.resize(img, size)
+    assert ours.dtype == np.uint8 and ours.shape == (size, size, 3)
+    np.testing.assert_array_equal(ours, _tf_resize(img, size))
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(h=st.integers(1, 160), w=st.integers(1, 160), size=st.integers(1, 160),
+       smooth=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_resize_matches_tensorflow_random(h, w, size, smooth, seed):
+    img = _random_image(np.random.default_rng(seed), h, w, smooth)
+    np.testing.assert_array_equal(image_lib.resize(img, size), _tf_resize(img, size))
+
+
+def test_resize_same_size_and_errors():
+    img = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    assert image_lib.resize(img, 300) is img
+    np.testing.assert_array_equal(_tf_resize(img, 300), img)  # TF leaves it unchanged too
+    view = img[::-1, ::2]  # a non-contiguous view is fine
+    np.testing.assert_array_equal(image_lib.resize(view, 120), _tf_resize(view, 120))
+    with pytest.raises(ValueError, match="uint8"):
+        image_lib.resize(img.astype(np.float32), 100)
+    with pytest.raises(ValueError, match="uint8"):
+        image_lib.resize(img[..., 0], 100)
+    with pytest.raises(ValueError, match="positive"):
+        image_lib.resize(img, 0)
+    with pytest.raises(ValueError, match="empty"):
+        image_lib.resize(img[:0], 10)
+
+
+def test_image_module_imports_neither_tensorflow_nor_jax():
+    code = ("import sys, ssd_jax.image; "
+            "print(sorted(m for m in ('tensorflow', 'jax', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [
+    ("RGB", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("I;16", "PNG"),
+    ("1", "PNG"), ("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "BMP"),
+])
+def test_read_image_layouts(tmp_path, mode, fmt):
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8))
+    if mode == "P":
+        src = rgb.quantize(colors=16)
+    elif mode == "I;16":
+        src = Image.fromarray(rng.integers(0, 256, (5, 7), dtype=np.uint16))  # 16-bit gray
+    else:
+        src = rgb.convert(mode)
+    data = _encoded(src, fmt)
+    path = tmp_path / f"image.{fmt.lower()}"
+    path.write_bytes(data)
+    with Image.open(io.BytesIO(data)) as decoded:
+        expected = np.asarray(decoded.convert("RGB"))
+
+    for out in (image_lib.read_image(path), image_lib.read_image(str(path)),
+                image_lib.decode_image(data), image_lib.read_image(io.BytesIO(data))):
+        assert out.dtype == np.uint8 and out.shape == (5, 7, 3)
+        np.testing.assert_array_equal(out, expected)
+    if fmt == "PNG" and mode in ("RGB", "RGBA", "P"):  # lossless colour: the original pixels
+        np.testing.assert_array_equal(image_lib.decode_image(data), np.asarray(src.convert("RGB")))
+    if mode in ("L", "LA") and fmt == "PNG":  # gray replicated to the three channels
+        out = image_lib.decode_image(data)
+        np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_read_image_rejects_garbage(tmp_path):
+    garbage = b"this is not an image" * 10
+    path = tmp_path / "garbage.jpg"
+    path.write_bytes(garbage)
+    with pytest.raises(OSError):  # PIL.UnidentifiedImageError
+        image_lib.read_image(path)
+    with pytest.raises(OSError):
+        image_lib.decode_image(garbage)
+    truncated = _encoded(Image.new("RGB", (64, 64), (10, 20, 30)), "PNG")[:60]
+    with pytest.raises((OSError, SyntaxError)):  # Pillow: truncated data
+        image_lib.decode_image(truncated)
+    with pytest.raises(FileNotFoundError):
+        image_lib.read_image(tmp_path / "missing.png")

@@ -1,54 +1,142 @@
-"""Convert torchvision weights to an ssd_jax orbax checkpoint.
+r"""Convert torchvision weights to an ssd_jax orbax checkpoint.
 
-    python -m experiments.convert_torchvision --kind ssd300 --input ssd300_vgg16_coco-b556d3b4.pth \
-        --output /tmp/ssd300_tv
-    python -m experiments.convert_torchvision --kind vgg16 --input vgg16-397923af.pth \
-        --output /tmp/vgg16_backbone [--no-fc]
+    python -m experiments.convert_torchvision --kind=ssd300 --input=ssd300_vgg16_coco-b556d3b4.pth \
+        --output=/tmp/ssd300_tv
+    python -m experiments.convert_torchvision --kind=vgg16 --input=vgg16-397923af.pth \
+        --output=/tmp/vgg16_backbone [--nofc]
 
---kind ssd300: a torchvision ssd300_vgg16 state dict -> the full variables of
+--kind=ssd300: a torchvision ssd300_vgg16 state dict -> the full variables of
   `ssd300_vgg16(num_classes, SSD300_TORCHVISION, image_mean=TORCHVISION_MEAN)`.
---kind vgg16: torchvision ImageNet vgg16 weights -> {"params": {"backbone": ...}} with reduced
-  fc6/fc7 (or without them, --no-fc, for features-only weights); use as `config.init_checkpoint`,
+--kind=vgg16: torchvision ImageNet vgg16 weights -> {"params": {"backbone": ...}} with reduced
+  fc6/fc7 (or without them, --nofc, for features-only weights); use as `config.init_checkpoint`,
   merged into freshly initialized variables with `ssd_jax.convert.merge_params`.
-The input is a .pth/.pt (torch.load with weights_only=True) or a .safetensors file.
+The input is a .pth/.pt (torch.load with weights_only=True) or a .safetensors file. An existing
+checkpoint at --output is replaced; a folder there that holds something else is refused.
+
+From Python: `main(["--kind=ssd300", "--input=X.pth", "--output=DIR"])` parses those flags (into
+its own FlagValues, leaving absl's global FLAGS alone) and returns the checkpoint's absolute path.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+from collections.abc import Sequence
 
-import jax
-import numpy as np
+from absl import flags
 
-from ssd_jax import convert
+from ssd_jax import cli
+from ssd_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+KINDS = ("ssd300", "vgg16")
+#: Files of the checkpoint folder that orbax's StandardCheckpointer writes: a folder holding one of
+#: them may be replaced by --output, any other non-empty folder is refused (save removes it).
+CHECKPOINT_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=("ssd300", "vgg16"), required=True)
-    parser.add_argument("--input", required=True, help=".pth/.pt or .safetensors state dict")
-    parser.add_argument("--output", required=True, help="checkpoint directory to write")
-    parser.add_argument("--no-fc", action="store_true",
-                        help="vgg16: skip fc6/fc7 (weights without a valid classifier)")
-    args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, on `fv`."""
+    if "kind" in fv:
+        return
+    flags.DEFINE_enum("kind", None, KINDS, "ssd300: a torchvision ssd300_vgg16 state dict; vgg16: "
+                      "torchvision ImageNet vgg16 weights (the backbone only). Required.",
+                      flag_values=fv)
+    flags.DEFINE_string("input", None, "The .pth/.pt or .safetensors state dict. Required.",
+                        flag_values=fv)
+    flags.DEFINE_string("output", None, "The checkpoint folder to write (an existing checkpoint "
+                        "there is replaced). Required.", flag_values=fv)
+    flags.DEFINE_boolean("fc", True, "vgg16: convert fc6/fc7 too (--nofc for weights without a "
+                         "valid classifier).", flag_values=fv)
 
-    state_dict = convert.load_state_dict(args.input)
-    if args.kind == "ssd300":
-        model, variables = convert.from_torchvision_ssd(state_dict)
+
+def convert_file(kind: str, input_path: str, output: str, fc: bool = True) -> str:
+    """Convert the state dict at `input_path` (`kind` ssd300 or vgg16) and save it as an orbax
+    checkpoint at `output`; returns the checkpoint's absolute path. Mistakes (a missing or
+    unreadable input, an input of the other kind, an output that is a file) raise UserError or
+    FileNotFoundError."""
+    import jax
+    import numpy as np
+
+    from ssd_jax import convert
+
+    output = os.path.abspath(output)
+    _check_output(output)
+    try:
+        state_dict = convert.load_state_dict(input_path)
+    except FileNotFoundError as e:
+        raise UserError(f"--input={input_path}: no such file") from e
+    except convert.StateDictError as e:
+        raise UserError(f"--input={input_path}: {e}") from e
+    try:
+        if kind == "ssd300":
+            model, variables = convert.from_torchvision_ssd(state_dict)
+        else:
+            variables = convert.vgg16_backbone_from_torchvision(state_dict, include_fc=fc)
+    except convert.StateDictError as e:
+        hint = " (or --nofc for features-only weights)" if kind == "vgg16" and fc else ""
+        raise UserError(f"--input={input_path} is not a torchvision {kind} state dict: {e}; "
+                        f"check --kind{hint}") from e
+    if kind == "ssd300":
         print(f"ssd300_vgg16: num_classes={model.num_classes}, priors=SSD300_TORCHVISION "
               f"({model.prior_spec.num_priors}), image_mean={model.image_mean}")
     else:
-        variables = convert.vgg16_backbone_from_torchvision(state_dict, include_fc=not args.no_fc)
         layers = sorted(variables["params"]["backbone"])
         print(f"vgg16 backbone: {len(layers)} layers ({', '.join(layers)})")
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
-    output = os.path.abspath(args.output)
     convert.save_checkpoint(output, variables)
     print(f"wrote {n:,} parameters to {output}")
     return output
 
 
+def _check_output(output: str) -> None:
+    """UserError when the checkpoint cannot (or must not) be written at `output`."""
+    if os.path.isfile(output):
+        raise UserError(f"--output={output} is a file; give a folder for the checkpoint")
+    if os.path.isdir(output) and os.listdir(output) and not any(
+            os.path.exists(os.path.join(output, m)) for m in CHECKPOINT_MARKERS):
+        raise UserError(f"--output={output} is a folder that holds something other than a "
+                        f"checkpoint (saving would replace it); give a new or empty folder")
+    parent = os.path.dirname(output)  # the nearest existing folder above must be a folder
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise UserError(f"--output={output}: {parent} is a file, not a folder")
+
+
+def _convert_flags(fv: flags.FlagValues) -> str:
+    missing = [f"--{name}" for name in ("kind", "input", "output") if fv[name].value is None]
+    if missing:
+        raise UserError(f"{', '.join(missing)} required (--help lists the flags)")
+    return convert_file(fv.kind, fv.input, fv.output, fc=fv.fc)
+
+
+def main(argv: Sequence[str]) -> str:
+    """Convert from Python: `argv` are command-line flags (no program name), e.g.
+    ``["--kind=ssd300", "--input=X.pth", "--output=DIR"]``, parsed into a FlagValues of their
+    own (a bad flag raises UserError). Returns the checkpoint's absolute path."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        rest = fv(["convert_torchvision", *argv])
+    except flags.Error as e:
+        raise UserError(f"{e} (--help lists the flags)") from None
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+    return _convert_flags(fv)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """The `ssd-convert-torchvision` console script (`argv`: the full command line, default
+    sys.argv)."""
+    define_flags(FLAGS)
+
+    def absl_main(args: list[str]) -> None:
+        if len(args) > 1:
+            raise UserError(f"unexpected arguments: {' '.join(args[1:])}")
+        _convert_flags(FLAGS)
+
+    cli.run(absl_main, argv=argv)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -4,15 +4,15 @@
   decode_image(data)        encoded bytes -> uint8 [H,W,3] RGB (Pillow)
   resize(image, size)       uint8 [H,W,3] -> uint8 [size,size,3], bilinear
 
-`resize` is bit-exact with the TensorFlow resize of the evaluation pipeline
-(`ssd_jax.data.augment.eval_resize`):
+`resize` is bit-exact with TensorFlow's bilinear resize as the evaluation pipeline used to run it
 
     out = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear")
     out = tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
-(half-pixel centers, no antialiasing), so an image predicted on the host sees the same pixels as
-in evaluation. It replays TF's CPU kernel in float32 numpy, with TF's order of operations. This
-module imports only numpy and Pillow.
+(half-pixel centers, no antialiasing; tests/test_image.py checks it). It replays TF's CPU kernel
+in float32 numpy, with TF's order of operations. Evaluation (`ssd_jax.data.augment.eval_resize`,
+through tf.numpy_function) and prediction both call it, so both see the same pixels. This module
+imports only numpy and Pillow.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-__all__ = ["decode_image", "read_image", "resize"]
+__all__ = ["decode_image", "image_id_from_name", "read_image", "resize"]
 
 
 def read_image(path_or_file: str | os.PathLike | BinaryIO) -> np.ndarray:
@@ -110,3 +110,17 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     np.rint(out, out=out)  # tf.round: half to even
     np.clip(out, 0.0, 255.0, out=out)
     return out.astype(np.uint8).reshape(size, size, c)
+
+
+def image_id_from_name(name: str) -> int:
+    """The image id of a file without one from an annotation file: the digits of its stem (VOC's
+    2008_000123.jpg -> 2008000123, COCO's 000000397133.jpg -> 397133), or a 56-bit hash of the
+    stem when it has no digits or more than 17. The one rule of every source and of predict."""
+    import hashlib
+    import re
+
+    stem = os.path.splitext(os.path.basename(name))[0]
+    digits = re.sub(r"\D", "", stem)
+    if digits and len(digits) < 18:
+        return int(digits)
+    return int.from_bytes(hashlib.sha1(stem.encode()).digest()[:7], "big")

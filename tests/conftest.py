@@ -1,4 +1,5 @@
-"""Shared test fixtures: random ground truth in the padded batch layout of DESIGN.md."""
+"""Shared test fixtures: random ground truth in the padded batch layout (boxes [B,M,4] normalized
+corners, labels [B,M] with 0 = padding), and dataset configs built from the one schema."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ try:  # torch must load before TensorFlow in one process (the other order can se
     import torch  # noqa: F401
 except ImportError:
     pass
+
+
+def dataset_config(**fields):
+    """config.dataset of experiments/configs/default.py (every field of every kind declared)
+    with `fields` changed: the only way a dataset config is built in the tests."""
+    from experiments.configs import default
+
+    cfg = default.get_config().dataset
+    for name, value in fields.items():
+        if name not in cfg:
+            raise KeyError(f"config.dataset has no field {name!r}")
+        cfg[name] = value
+    return cfg
 
 
 def random_boxes(rng: np.random.Generator, n: int, min_size: float = 0.03,

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import ml_collections
 import numpy as np
 import pytest
 
 from ssd_jax.data import pipeline
+from tests.conftest import dataset_config
 
 S, B, M = 32, 4, 5
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return ml_collections.ConfigDict(dict(kind="synthetic", seed=0, num_train=10, num_eval=7,
-                                          image_size=48))
+    return dataset_config(kind="synthetic", seed=0, num_train=10, num_eval=7, image_size=48)
 
 
 def _take(it, n):
@@ -68,7 +67,7 @@ def test_epochs_are_permutations_and_hosts_split_the_global_batch(cfg):
     # The i-th element of the stream is image index_shuffle(i % N) of epoch i // N: with
     # augmentation aside, one epoch of 10 images visits each exactly once.
     n = 10
-    table = pipeline._source(cfg, "train")
+    table = pipeline.InputPipeline(cfg).source("train")
     ds = pipeline._table_train_examples(table, b=B, seed=1, start_step=0, process_index=0,
                                         process_count=1)
     seeds, picked = [], []
@@ -89,11 +88,15 @@ def test_epochs_are_permutations_and_hosts_split_the_global_batch(cfg):
 
 
 def test_truncation_is_counted(cfg):
-    pipeline.reset_stats()
-    it = _train(cfg, max_boxes=1)
+    data = pipeline.InputPipeline(cfg)
+    it = data.train_iterator(image_size=S, batch_size=B, max_boxes=1, seed=1)
     _take(it, 2)
     assert it.stats["boxes_truncated"] > 0
-    assert pipeline.get_stats()["boxes_truncated"] == it.stats["boxes_truncated"]
+    assert data.stats["boxes_truncated"] == it.stats["boxes_truncated"]
+    assert f"boxes_truncated {it.stats['boxes_truncated']}" in data.summary()
+    # a second pipeline of the same config counts on its own (no process-wide counters)
+    other = pipeline.InputPipeline(cfg)
+    assert other.stats["boxes_truncated"] == 0
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])

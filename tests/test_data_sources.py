@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from ssd_jax.data import pipeline, sources
+from ssd_jax.errors import ConfigError, DataError
+from tests.conftest import dataset_config
 
 S = 32  # model input side in these tests: tiny and fast
 
@@ -75,9 +77,9 @@ def coco_dir(tmp_path_factory):
 
 
 def _coco_cfg(root) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
+    return dataset_config(
         kind="coco_json", train_annotations=str(root / "ann.json"), train_images=str(root / "images"),
-        eval_annotations=str(root / "ann.json"), eval_images=str(root / "images")))
+        eval_annotations=str(root / "ann.json"), eval_images=str(root / "images"))
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +109,8 @@ def voc_dir(tmp_path_factory):
 
 
 def _voc_cfg(root) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(kind="voc_xml", root=str(root), train_split="trainval",
-                                          eval_split="test"))
+    return dataset_config(kind="voc_xml", root=str(root), train_split="trainval",
+                          eval_split="test")
 
 
 def _decodable() -> int:
@@ -186,31 +188,40 @@ def test_voc_class_names_from_config(voc_dir):
 
 
 def test_synthetic_source_and_cache(tmp_path):
-    cfg = ml_collections.ConfigDict(dict(kind="synthetic", seed=3, num_train=6, num_eval=4,
-                                         image_size=48, cache_dir=str(tmp_path)))
+    cfg = dataset_config(kind="synthetic", seed=3, num_train=6, num_eval=4, image_size=48,
+                         cache_dir=str(tmp_path))
     info = pipeline.get_dataset_info(cfg)
     assert info.num_train == 6 and info.num_eval == 4 and info.num_classes == 7
     assert len(list(tmp_path.glob("*.npz"))) == 2
     table = sources.load_source(cfg, "train")
     assert table.images.shape == (6, 48, 48, 3)
     assert (table.labels >= 1).all() and (table.labels < info.num_classes).all()
-    sources._CACHE.clear()
-    again = sources.load_source(cfg, "train")  # from the .npz cache
+    again = sources.load_source(cfg, "train")  # from the .npz cache (no in-memory cache)
     np.testing.assert_array_equal(again.images, table.images)
     np.testing.assert_array_equal(again.boxes, table.boxes)
 
 
-@pytest.mark.parametrize("cfg, error, words", [
-    (dict(kind="nope"), ValueError, "kind"),
-    (dict(kind="coco_json", train_annotations="/no/such.json", train_images="/tmp"),
-     FileNotFoundError, "/no/such.json"),
-    (dict(kind="coco_json", train_images="/tmp"), ValueError, "train_annotations"),
-    (dict(kind="voc_xml", root="/no/such/voc"), FileNotFoundError, "/no/such/voc"),
-    (dict(kind="tfds", name="no_such_dataset_xyz"), ValueError, "no_such_dataset_xyz"),
+@pytest.mark.parametrize("cfg, words", [
+    (dict(kind="nope"), "config.dataset.kind='nope' is unknown"),
+    (dict(kind="coco_json", train_annotations="/no/such.json", train_images="/tmp",
+          eval_annotations="/no/such.json", eval_images="/tmp"),
+     "config.dataset.train_annotations='/no/such.json': no such file"),
+    (dict(kind="coco_json", train_images="/tmp"), "config.dataset.train_annotations is required"),
+    (dict(kind="voc_xml", root="/no/such/voc"), "config.dataset.root='/no/such/voc': no such"),
+    (dict(kind="tfds", name="no_such_dataset_xyz", data_dir="/tmp"), "no_such_dataset_xyz"),
+    (dict(kind="tfds", name="voc/2007"), "config.dataset.data_dir is required"),
 ])
-def test_unusable_dataset_is_a_clear_error(cfg, error, words):
-    with pytest.raises(error, match=words):
-        pipeline.get_dataset_info(ml_collections.ConfigDict(cfg))
+def test_unusable_dataset_is_a_clear_error(cfg, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        pipeline.get_dataset_info(dataset_config(**cfg))
+
+
+def test_a_dataset_config_missing_a_field_names_it():
+    fields = dataset_config().to_dict()
+    del fields["image_size"]
+    cfg = ml_collections.ConfigDict(fields)
+    with pytest.raises(ConfigError, match="config.dataset.image_size is missing"):
+        pipeline.get_dataset_info(cfg)
 
 
 def test_no_usable_images_is_an_error(tmp_path):
@@ -218,12 +229,22 @@ def test_no_usable_images_is_an_error(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({
         "images": [{"id": 1, "file_name": "x.jpg", "width": 5, "height": 5}],
         "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
-    with pytest.raises(ValueError, match="no usable images"):
+    with pytest.raises(DataError, match="no usable images"):
         sources.coco_json_table(str(tmp_path / "a.json"), str(tmp_path / "images"),
                                 keep_crowd=False)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         sources.coco_json_table(str(tmp_path / "a.json"), str(tmp_path / "nowhere"),
                                 keep_crowd=False)
+
+
+def test_tfds_coco_class_names_map_to_coco_category_ids():
+    from ssd_jax import coco
+
+    names = tuple(n.replace(" ", "_") for n in coco.COCO_CATEGORIES_91[1:] if n != "N/A")
+    ids = sources.category_ids_of(names, ("coco/2017",))
+    assert len(ids) == 80 and ids[:3] == (1, 2, 3) and ids[-1] == 90 and 12 not in ids
+    assert [coco.COCO_CATEGORIES_91[i] for i in ids] == [n.replace("_", " ") for n in names]
+    assert sources.category_ids_of(("a", "b"), ("voc/2007",)) == (1, 2)
 
 
 def test_decode_image_layouts():
@@ -240,13 +261,16 @@ def test_decode_image_layouts():
 
 
 @pytest.mark.parametrize("name, num_classes", [("voc/2007+voc/2012", 21), ("coco/2017", 81)])
-def test_tfds_sources(tfds_mock, name, num_classes):
-    cfg = ml_collections.ConfigDict(dict(kind="tfds", name=name, data_dir="",
-                                         train_split="train", eval_split="validation"))
-    pipeline.reset_stats()
-    info = pipeline.get_dataset_info(cfg)
+def test_tfds_sources(tfds_mock, name, num_classes, tmp_path):
+    cfg = dataset_config(kind="tfds", name=name, data_dir=str(tmp_path), train_split="train",
+                         eval_split="validation")
+    data = pipeline.InputPipeline(cfg)
+    info = data.info()
     assert info.num_classes == num_classes
-    it = pipeline.create_train_iterator(cfg, image_size=S, batch_size=4, max_boxes=12, seed=0)
+    # the mock's class names are "0".."79" (not COCO's), so the ids stay the labels here; the
+    # name -> COCO id mapping is tested on COCO's names below
+    assert info.category_ids == tuple(range(1, num_classes))
+    it = data.train_iterator(image_size=S, batch_size=4, max_boxes=12, seed=0)
     batch = next(it)
     assert batch["image"].shape == (4, S, S, 3)
     labels = batch["labels"]
@@ -254,7 +278,7 @@ def test_tfds_sources(tfds_mock, name, num_classes):
     boxes = batch["boxes"][labels > 0]
     assert (boxes >= 0).all() and (boxes <= 1).all()
     assert (boxes[:, 2:] > boxes[:, :2]).all()
-    assert pipeline.get_stats()["boxes_degenerate_dropped"] > 0
+    assert data.stats["boxes_degenerate_dropped"] > 0 and it.stats["boxes_degenerate_dropped"] > 0
     # Resume: the batch at step 2 is the same from a fresh iterator started at step 2.
     it.__next__()
     third = next(it)

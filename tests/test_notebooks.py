@@ -56,8 +56,11 @@ def _text_outputs(nb) -> str:
     return "\n".join(out)
 
 
-def _has_image(nb) -> bool:
-    return any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+def _cell_shows_image(nb, marker: str) -> bool:
+    """The code cell whose source contains `marker` displayed a PNG (one cell must match)."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+    assert len(cells) == 1, f"{len(cells)} cells contain {marker!r}"
+    return any("image/png" in o.get("data", {}) for o in cells[0].get("outputs", []))
 
 
 @pytest.mark.parametrize("name", ["ssd_colab_tpu.ipynb", "ssd_inference.ipynb"])
@@ -91,7 +94,8 @@ def test_colab_tpu_notebook_smoke(tmp_path):
     assert "VGG16 layers" in text and "fc6" in text
     assert "mAP" in text and "#gt" in text
     assert os.path.exists(tmp_path / "run" / "eval" / "metrics.json")
-    assert _has_image(nb)
+    assert _cell_shows_image(nb, "inference.write_eval_report(")  # the PR curves
+    assert _cell_shows_image(nb, "visualize.draw_detections(")  # validation detections
 
 
 def test_inference_notebook_smoke(tmp_path):
@@ -100,4 +104,6 @@ def test_inference_notebook_smoke(tmp_path):
     assert "vgg16 at 300 px, 91 classes, 8732 priors" in text
     assert "matched priors" in text and "d loss / d logits" in text
     assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".png")]) == 3
-    assert _has_image(nb)
+    assert os.path.exists(tmp_path / "out" / "detections.json")
+    assert _cell_shows_image(nb, "inference.predict_files(")  # the PNGs it wrote
+    assert _cell_shows_image(nb, "predictor.predict(")  # in-memory detections drawn

@@ -1,6 +1,6 @@
-"""experiments/predict.py and experiments/evaluate.py on a tiny trained run, and the end-to-end
-parity of our inference path (converted weights, Pillow input, jitted model + detect, boxes at the
-original size) with torchvision's ssd300_vgg16 in eval mode."""
+"""ssd_jax.inference (and its commands experiments/predict.py, experiments/evaluate.py) on a tiny
+trained run, and the end-to-end parity of our inference path (converted weights, Pillow input,
+jitted model + detect, boxes at the original size) with torchvision's ssd300_vgg16 in eval mode."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import evaluate, predict
+from ssd_jax import coco, evaluation, inference
+from ssd_jax.errors import CheckpointMismatchError, UserError
 
 try:  # torch and torchvision must be loaded before TensorFlow (the other order can segfault)
     import torch  # noqa: F401
@@ -128,9 +129,10 @@ def test_predict_boxes_are_pixels_of_each_original_size(trained_run, tmp_path):
     Image.fromarray(image).save(tmp_path / "small.png")
     big = np.repeat(np.repeat(image, 2, axis=0), 3, axis=1)  # 256 x 384, same content
     Image.fromarray(big).save(tmp_path / "big.png")
-    predictor = predict.load_predictor(workdir=workdir)
-    res = predict.predict(predictor, [str(tmp_path / "small.png"), str(tmp_path / "big.png")],
-                          str(tmp_path / "out"), batch_size=4, progress=False)
+    predictor = inference.load_predictor(workdir=workdir)
+    res = inference.predict_files(predictor, [str(tmp_path / "small.png"),
+                                              str(tmp_path / "big.png")],
+                                  str(tmp_path / "out"), batch_size=4, progress=False)
     assert not res.skipped and len(res.pngs) == 2
     for name, (w, h) in (("small.png", (128, 128)), ("big.png", (384, 256))):
         boxes = np.array([r["bbox"] for r in res.results if r["file_name"] == name])
@@ -152,32 +154,33 @@ def test_predict_with_a_mismatched_checkpoint_is_a_clear_error(trained_run, tmp_
     info["num_classes"] = 11
     info["class_names"] = [f"c{i}" for i in range(10)]
     (bad / "run_info.json").write_text(json.dumps(info))
-    with pytest.raises(predict.CheckpointMismatchError,
+    with pytest.raises(CheckpointMismatchError,
                        match=r"num_classes=11.*cls_head_0.*num_classes=7"):
-        predict.load_predictor(workdir=str(bad))
+        inference.load_predictor(workdir=str(bad))
 
     info["num_classes"], info["class_names"] = 7, ["a", "b"]  # names do not fit the classes
     (bad / "run_info.json").write_text(json.dumps(info))
-    with pytest.raises(predict.CheckpointMismatchError, match="names 2 classes"):
-        predict.load_predictor(workdir=str(bad))
+    with pytest.raises(CheckpointMismatchError, match="names 2 classes"):
+        inference.load_predictor(workdir=str(bad))
 
-    with pytest.raises(FileNotFoundError, match="run_info.json"):
-        predict.load_predictor(workdir=str(tmp_path))
+    with pytest.raises(UserError, match="run_info.json"):
+        inference.load_predictor(workdir=str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- evaluate
 
 
-def test_evaluate_matches_training_eval_and_writes_report(trained_run, tmp_path, capsys):
+def test_evaluate_matches_training_eval_and_writes_report(trained_run, tmp_path):
     workdir, train_metrics = trained_run
-    report = evaluate.evaluate_checkpoint(workdir)
+    report = inference.evaluate_run(inference.load_run(workdir), progress=False)
     assert report["step"] == 4 and report["metric"] == "voc07"
     assert report["metrics"]["num_images"] == train_metrics["num_images"] == 8
     np.testing.assert_allclose(report["metrics"]["mAP"], train_metrics["mAP"], rtol=1e-6)
     np.testing.assert_allclose(np.nan_to_num(report["metrics"]["AP"]),
                                np.nan_to_num(train_metrics["AP"]), rtol=1e-6)
-    paths = evaluate.write_report(report, str(tmp_path / "eval"))
-    printed = capsys.readouterr().out
+    paths = inference.write_eval_report(report, str(tmp_path / "eval"))
+    curves = report["curves"]
+    printed = evaluation.per_class_table(report["class_names"], curves["AP"], curves["num_gt"])
     saved = json.loads(open(paths["metrics"]).read())
     np.testing.assert_allclose(saved["mAP"], train_metrics["mAP"], rtol=1e-6)
     assert saved["step"] == 4 and set(saved["per_class"]) == set(report["class_names"])
@@ -191,15 +194,14 @@ def test_evaluate_matches_training_eval_and_writes_report(trained_run, tmp_path,
 
 
 def test_evaluate_with_another_dataset_config_checks_the_classes(trained_run):
-    import ml_collections
-
     workdir, _ = trained_run
-    dataset = ml_collections.ConfigDict(tiny_config().dataset.to_dict())
+    run = inference.load_run(workdir)
+    dataset = tiny_config().dataset
     dataset.num_eval = 4
-    report = evaluate.evaluate_checkpoint(workdir, dataset_config=dataset, metric="voc")
+    report = inference.evaluate_run(run, dataset_config=dataset, metric="voc", progress=False)
     assert report["metrics"]["num_images"] == 4 and report["metric"] == "voc"
-    with pytest.raises(ValueError):
-        evaluate.evaluate_checkpoint(workdir, metric="nonsense")
+    with pytest.raises(ValueError, match="config.metric"):
+        inference.evaluate_run(run, metric="nonsense")
 
 
 # ----------------------------------------------------------------------------- torchvision parity
@@ -228,10 +230,10 @@ def test_torchvision_checkpoint_matches_torchvision_eval_detections(tmp_path):
     ref_labels = ref["labels"].numpy()
     assert 0 < len(ref_scores)
 
-    predictor = predict.load_predictor(torchvision_checkpoint=str(pth))
+    predictor = inference.load_predictor(torchvision_checkpoint=str(pth))
     assert predictor.class_names[0] == "person" and len(predictor.class_names) == 90
-    res = predict.predict(predictor, [str(tmp_path / "000000000042.png")], str(tmp_path / "out"),
-                          batch_size=1, progress=False)
+    res = inference.predict_files(predictor, [str(tmp_path / "000000000042.png")],
+                                  str(tmp_path / "out"), batch_size=1, progress=False)
     assert not res.skipped
     assert all(r["image_id"] == 42 for r in res.results)
     ours = sorted(res.results, key=lambda r: -r["score"])
@@ -242,4 +244,4 @@ def test_torchvision_checkpoint_matches_torchvision_eval_detections(tmp_path):
     corners = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     np.testing.assert_allclose(corners, ref_boxes, atol=1.0)
     names = {r["category_name"] for r in ours}
-    assert names <= set(predict.COCO_CATEGORIES_91)
+    assert names <= set(coco.COCO_CATEGORIES_91)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import jax
 
+from ssd_jax.errors import UserError
+
 
 @dataclasses.dataclass
 class Row:
@@ -66,3 +68,34 @@ def format_table(rows: list[Row]) -> str:
         note = f"  ({r.note})" if r.note else ""
         lines.append(f"{r.name:<58} {r.ours:12.1f} {peer} {ratio}  {r.unit}{note}")
     return "\n".join(lines)
+
+
+def items(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The entries of a list flag (absl's DEFINE_list gives a list; a str is split on commas)."""
+    if value is None:
+        return []
+    parts = value.split(",") if isinstance(value, str) else value
+    return [str(p).strip() for p in parts if str(p).strip()]
+
+
+def int_items(value: str | list[str] | tuple[str, ...] | None, flag: str) -> list[int]:
+    """`items(value)` as positive integers; UserError naming `flag` otherwise."""
+    out = []
+    for item in items(value):
+        try:
+            n = int(item)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UserError(f"--{flag}: {item!r} is not a positive integer")
+        out.append(n)
+    return out
+
+
+def dtype_items(value: str | list[str] | tuple[str, ...] | None, flag: str) -> list[str]:
+    """`items(value)`, each fp32 or bf16; UserError naming `flag` otherwise."""
+    out = items(value)
+    for d in out:
+        if d not in ("fp32", "bf16"):
+            raise UserError(f"--{flag}: {d!r} is not fp32 or bf16")
+    return out

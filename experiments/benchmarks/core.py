@@ -3,18 +3,20 @@ SSDMatcher + SSD.compute_loss (+ backward) on the same inputs: SSD300 priors, ~1
 
 from __future__ import annotations
 
-import argparse
 import types
+from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
 from experiments.benchmarks.common import Row, time_jax, time_torch
 from ssd_jax import box_ops, loss, matching, priors
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--core-batch", type=int, default=32, help="batch of the core suite")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("core_batch", 32, "core suite: batch (--quick: 4).", lower_bound=1,
+                         flag_values=fv)
 
 
 def _inputs(batch: int, num_classes: int = 21, max_boxes: int = 16, seed: int = 0):
@@ -33,8 +35,8 @@ def _inputs(batch: int, num_classes: int = 21, max_boxes: int = 16, seed: int = 
     return boxes, labels, counts, logits, preds
 
 
-def run(args: argparse.Namespace) -> list[Row]:
-    batch = 4 if args.quick else args.core_batch
+def run(args: Any) -> list[Row]:
+    batch = 4 if args.quick else getattr(args, "core_batch", 32)
     min_time = 0.3 if args.quick else 2.0
     boxes, labels, counts, logits, preds = _inputs(batch)
     pri = priors.generate_priors(priors.SSD300_VOC)
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     args_dev = jax.device_put((logits, preds, boxes, labels))
     sec = time_jax(lambda: step(*args_dev), min_time=min_time)
     peer = None
-    if not args.no_peer:
+    if getattr(args, "peer", True):
         peer = batch / _torchvision_time(boxes, labels, counts, logits, preds, pri, min_time)
     return [Row(f"match + multibox_loss value&grad, SSD300 priors, batch {batch}", batch / sec, peer)]
 
@@ -60,7 +62,7 @@ def _torchvision_time(boxes, labels, counts, logits, preds, pri, min_time) -> fl
     from torchvision.ops import box_iou
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    anchors = torch.from_numpy(np.asarray(box_ops.centers_to_corners(pri))).to(dev)
+    anchors = torch.from_numpy(np.array(box_ops.centers_to_corners(pri))).to(dev)
     ssd = types.SimpleNamespace(box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0)), neg_to_pos_ratio=3)
     matcher = SSDMatcher(0.5)
     targets = [{"boxes": torch.from_numpy(boxes[i, :n]).to(dev),

@@ -8,19 +8,27 @@ TensorFlow; the peer needs torch + torchvision.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
+from absl import flags
 
 from experiments.benchmarks.common import Row
 
+for _needed in ("tensorflow", "ml_collections"):  # absent on a bare accelerator host
+    if importlib.util.find_spec(_needed) is None:
+        raise ImportError(f"the data suite needs {_needed}, which is not installed")
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-images", type=int, default=200, help="JPEGs written (data suite)")
-    parser.add_argument("--data-workers", type=int, default=2, help="DataLoader workers (peer)")
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("data_images", 200, "data suite: JPEGs written (--quick: 40).",
+                         lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("data_workers", 2, "data suite: DataLoader workers of the peer.",
+                         lower_bound=1, flag_values=fv)
 
 
 def _write_voc_like(root: str, n: int) -> tuple[str, str]:
@@ -149,7 +157,7 @@ def _peer(ann: str, img_dir: str, batch: int, seconds: float, workers: int) -> f
     return n / (time.perf_counter() - start)
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: Any) -> list[Row]:
     """Images/sec of the training pipeline, ours vs torchvision's SSD preset."""
     n = 40 if args.quick else int(getattr(args, "data_images", 200))
     seconds = 3.0 if args.quick else 15.0
@@ -160,7 +168,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         ann, img_dir = _write_voc_like(root, n)
         ours = _ours(ann, img_dir, batch, seconds)
         peer = None
-        if not args.no_peer:
+        if getattr(args, "peer", True):
             # A fresh (spawned) process: forking DataLoader workers from a process that runs
             # TensorFlow threads crashes; the peer gets a clean interpreter, as it would alone.
             import concurrent.futures

@@ -10,22 +10,24 @@ Imports only jax/numpy (torch lazily, for the peer).
 
 from __future__ import annotations
 
-import argparse
 import types
+from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
 from experiments.benchmarks.common import Row, time_jax, time_torch
 from ssd_jax import box_ops, postprocess, priors
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--detect-batch", type=int, default=32,
-                        help="large batch of the detect suite (also runs batch 1)")
-    parser.add_argument("--detect-candidates", type=int, default=300,
-                        help="priors per image above the score threshold (trained-like outputs)")
-    parser.add_argument("--detect-tile", type=int, default=32, help="NMS tile size of detect()")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("detect_batch", 32, "detect suite: the large batch (batch 1 runs too; "
+                         "--quick: 4).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("detect_candidates", 300, "detect suite: priors per image above the "
+                         "score threshold (trained-like outputs).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("detect_tile", 32, "detect suite: NMS tile size of detect().",
+                         lower_bound=1, flag_values=fv)
 
 
 def trained_like_outputs(batch: int, num_classes: int, num_candidates: int, pri: np.ndarray,
@@ -61,10 +63,10 @@ def dense_outputs(batch: int, num_classes: int, num_priors: int, seed: int = 0):
             rng.normal(0, 0.5, (batch, num_priors, 4)).astype(np.float32))
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: Any) -> list[Row]:
     pri = priors.generate_priors(priors.SSD300_VOC)
     min_time = 0.3 if args.quick else 1.5
-    big = 4 if args.quick else args.detect_batch
+    big = 4 if args.quick else getattr(args, "detect_batch", 32)
     candidates = getattr(args, "detect_candidates", 300)
     tile = getattr(args, "detect_tile", 32)
     cases = [(c, b, "trained-like") for c in (21, 91) for b in (1, big)]
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         out = jax.device_get(fn(*dev_args))
         sec = time_jax(lambda dev_args=dev_args: fn(*dev_args), min_time=min_time)
         peer = None
-        if not args.no_peer:
+        if getattr(args, "peer", True):
             peer = batch / _torchvision_time(logits, offsets, pri, min_time)
         note = f"{np.mean(out.num_detections):.0f} dets/img, tile {tile}"
         rows.append(Row(f"detect {kind}, 8732 priors, {num_classes} classes, batch {batch}",

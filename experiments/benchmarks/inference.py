@@ -1,11 +1,12 @@
 """Suite `inference`: end-to-end SSD300 inference, images -> final fixed-size detections.
 
-Ours: `experiments.predict`'s jitted function of uint8 images already on the device: the
-network (model.apply), decode, per-class NMS and the final top 200 (`postprocess.detect` with
-torchvision's settings: score > 0.01, top 400 per class, NMS 0.45, 200 per image). The peer:
-torchvision's ssd300_vgg16 in eval mode, `model(images)` end to end (its transform normalizes
-and resizes, which is the identity at 300x300, then backbone, head and `postprocess_detections`),
-on [0,1] float images already on its device.
+Ours: `ssd_jax.inference.make_detect_fn`'s jitted function (what `experiments.predict` runs) of
+uint8 images already on the device: the network (model.apply), decode, per-class NMS and the
+final top 200 (`postprocess.detect` with torchvision's settings, `TORCHVISION_DETECT`: score >
+0.01, top 400 per class, NMS 0.45, 200 per image). The peer: torchvision's ssd300_vgg16 in eval
+mode, `model(images)` end to end (its transform normalizes and resizes, which is the identity at
+300x300, then backbone, head and `postprocess_detections`), on [0,1] float images already on its
+device.
 
 Both nets compute the same function: a seeded torchvision model whose classification head is
 scaled so that background dominates (outputs shaped like a trained model's: a few hundred
@@ -13,39 +14,42 @@ candidates per image, a few dozen final detections, not the dense worst case of 
 is converted with `convert.from_torchvision_ssd`. bf16 runs our compute in bfloat16 (params and
 outputs float32) and the peer under `torch.autocast(bfloat16)`.
 
-    python -m experiments.benchmark --suite inference [--inference-batches 1,32,64]
-        [--inference-dtypes fp32,bf16] [--quick] [--no-peer]
+    python -m experiments.benchmark --suite=inference [--inference_batches=1,32,64]
+        [--inference_dtypes=fp32,bf16] [--quick] [--nopeer]
 
-Imports jax/numpy, ssd_jax's core and experiments.predict (absl, Pillow) at module level, torch
-lazily (for the weights and the peer); without torch the suite times ours on a randomly
+Imports jax/numpy/absl, ssd_jax's core and ssd_jax.inference (numpy, Pillow) at module level,
+torch lazily (for the weights and the peer); without torch the suite times ours on a randomly
 initialized SSD300 of the same shape.
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from experiments import predict
-from experiments.benchmarks.common import Row, time_jax, time_torch
+from experiments.benchmarks.common import Row, dtype_items, int_items, time_jax, time_torch
+from ssd_jax import inference as ssd_inference
 from ssd_jax import models, priors
+from ssd_jax.errors import UserError
 
 NUM_CLASSES = 91  # torchvision's COCO head
-DETECT = {"score_threshold": 0.01, "pre_nms_top_k": 400, "iou_threshold": 0.45,
-          "max_detections": 200}
+DETECT = dict(ssd_inference.TORCHVISION_DETECT)
 HEAD_SCALE, BACKGROUND_BIAS = 0.3, 12.0  # trained-like class head (background dominates)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--inference-batches", default="1,32,64",
-                        help="inference suite: comma-separated batch sizes (--quick: 1)")
-    parser.add_argument("--inference-dtypes", default="fp32,bf16",
-                        help="inference suite: comma-separated compute dtypes, fp32 and/or bf16 "
-                             "(--quick: fp32)")
+DEFAULT_BATCHES, DEFAULT_DTYPES = ["1", "32", "64"], ["fp32", "bf16"]
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("inference_batches", DEFAULT_BATCHES, "inference suite: comma-separated "
+                      "batch sizes (--quick: 1).", flag_values=fv)
+    flags.DEFINE_list("inference_dtypes", DEFAULT_DTYPES, "inference suite: comma-separated "
+                      "compute dtypes, fp32 and/or bf16 (--quick: fp32 unless given).",
+                      flag_values=fv)
 
 
 def torchvision_model(seed: int = 0) -> Any:
@@ -77,7 +81,7 @@ def our_model(state_dict: Any | None, dtype: Any) -> tuple[models.SSD, Any]:
 def make_inference_fn(model: models.SSD) -> Any:
     """jit(variables, uint8 images [B,300,300,3]) -> postprocess.Detections (fixed size): the
     function `python -m experiments.predict` runs, with torchvision's detection settings."""
-    return predict.make_detect_fn(model, DETECT)
+    return ssd_inference.make_detect_fn(model, DETECT)
 
 
 def images_batch(batch: int, seed: int = 0) -> np.ndarray:
@@ -106,19 +110,19 @@ def _time_peer(tv_model: Any, images: np.ndarray, bf16: bool, timing: dict) -> t
     return time_torch(fn, **timing), per_image
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: Any) -> list[Row]:
     quick = getattr(args, "quick", False)
-    batches = [int(b) for b in getattr(args, "inference_batches", "1,32,64").split(",") if b]
-    dtypes = [d for d in getattr(args, "inference_dtypes", "fp32,bf16").split(",") if d]
+    asked_dtypes = getattr(args, "inference_dtypes", DEFAULT_DTYPES)
+    batches = int_items(getattr(args, "inference_batches", DEFAULT_BATCHES), "inference_batches")
+    dtypes = dtype_items(asked_dtypes, "inference_dtypes")
+    if not batches or not dtypes:
+        raise UserError("--inference_batches and --inference_dtypes need at least one entry")
     if quick:
         batches = [1]
-        dtypes = dtypes[:1] if args.inference_dtypes == "fp32,bf16" else dtypes
-    for d in dtypes:
-        if d not in ("fp32", "bf16"):
-            raise SystemExit(f"--inference-dtypes: {d!r} is not fp32 or bf16")
+        dtypes = dtypes[:1] if list(asked_dtypes) == DEFAULT_DTYPES else dtypes
     timing = (dict(warmup=1, min_time=0.0, min_iters=1) if quick
               else dict(warmup=2, min_time=2.0, min_iters=3))
-    want_peer = not getattr(args, "no_peer", False)
+    want_peer = getattr(args, "peer", True)
 
     tv_model, state_dict = None, None
     try:

@@ -9,36 +9,37 @@ ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and
 `model(images, targets)` loss + backward + SGD. The compact model has no peer; its row notes
 its cost relative to SSD300 (forward+backward time per image).
 
-    python -m experiments.benchmark --suite model [--model-batch 8] [--dtype bf16] [--no-peer]
+    python -m experiments.benchmark --suite=model [--model_batch=8] [--dtype=bf16] [--nopeer]
 """
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
-from experiments.benchmarks.common import Row, time_jax, time_torch
+from experiments.benchmarks.common import Row, dtype_items, int_items, items, time_jax, time_torch
 from ssd_jax import models, train_lib
+from ssd_jax.errors import UserError
 
 MODEL_NAMES = ("ssd300_vgg16", "compact")
 NUM_CLASSES = 21
 MAX_BOXES = 8
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-batch", default=None,
-                        help="model suite: comma-separated images per step (default 2 on CPU, "
-                             "1,32,64 on accelerators; 1 with --quick)")
-    parser.add_argument("--model-dtypes", default=None,
-                        help="model suite: comma-separated fp32,bf16 (default: --dtype on CPU, "
-                             "both on accelerators)")
-    parser.add_argument("--model-names", default=",".join(MODEL_NAMES),
-                        help="model suite: comma-separated models to time")
-    if "--dtype" not in parser._option_string_actions:  # another suite may share the flag
-        parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                            help="compute dtype (params stay float32)")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("model_batch", None, "model suite: comma-separated images per step "
+                      "(default 2 on CPU, 1,32,64 on accelerators; 1 with --quick).", flag_values=fv)
+    flags.DEFINE_list("model_dtypes", None, "model suite: comma-separated fp32,bf16 (default: "
+                      "--dtype on CPU or with --quick, both on accelerators).", flag_values=fv)
+    flags.DEFINE_list("model_names", list(MODEL_NAMES), "model suite: comma-separated models to "
+                      f"time ({', '.join(MODEL_NAMES)}).", flag_values=fv)
+    if "dtype" not in fv:  # another suite may share the flag
+        flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16"], "model suite: compute dtype when "
+                          "--model_dtypes is not given, on CPU or with --quick (params stay "
+                          "float32).", flag_values=fv)
 
 
 def _synthetic(batch: int, size: int, seed: int = 0):
@@ -147,30 +148,34 @@ def _time_torchvision(batch: int, bf16: bool, timing: dict) -> tuple[float, floa
     return t_fwd, t_step
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: Any) -> list[Row]:
     """Forward and train-step rows for every (batch, dtype) asked for, with the peer's SSD300."""
     quick = getattr(args, "quick", False)
     on_cpu = jax.devices()[0].platform == "cpu"
-    batches = getattr(args, "model_batch", None) or ("1" if quick else ("2" if on_cpu else "1,32,64"))
-    dtypes = getattr(args, "model_dtypes", None) or (
-        getattr(args, "dtype", "fp32") if on_cpu or quick else "fp32,bf16")
-    cases = getattr(args, "model_cases", None) or [
-        (int(b), d) for d in str(dtypes).split(",") if d for b in str(batches).split(",") if b]
+    batches = int_items(getattr(args, "model_batch", None), "model_batch") or (
+        [1] if quick else ([2] if on_cpu else [1, 32, 64]))
+    dtypes = dtype_items(getattr(args, "model_dtypes", None), "model_dtypes") or (
+        [getattr(args, "dtype", "fp32")] if on_cpu or quick else ["fp32", "bf16"])
+    names = items(getattr(args, "model_names", MODEL_NAMES))
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown or not names:
+        what = f"{unknown[0]!r} is not a model" if unknown else "no model given"
+        raise UserError(f"--model_names: {what}; the models are {','.join(MODEL_NAMES)}")
+    cases = getattr(args, "model_cases", None) or [(b, d) for d in dtypes for b in batches]
     rows = []
     for batch, dtype_name in cases:
-        rows += _run_one(args, batch, dtype_name, quick)
+        rows += _run_one(args, names, batch, dtype_name, quick)
     return rows
 
 
-def _run_one(args: argparse.Namespace, batch: int, dtype_name: str, quick: bool) -> list[Row]:
-    names = [n for n in getattr(args, "model_names", ",".join(MODEL_NAMES)).split(",") if n]
+def _run_one(args: Any, names: list[str], batch: int, dtype_name: str, quick: bool) -> list[Row]:
     timing = (dict(warmup=1, min_time=0.2, min_iters=1) if quick
               else dict(warmup=2, min_time=2.0, min_iters=3))
     tag = f"b={batch} {dtype_name}"
 
     ours = {name: _time_ours(name, batch, dtype_name, timing) for name in names}
     peer = (None, None)
-    if not getattr(args, "no_peer", False) and "ssd300_vgg16" in names:
+    if getattr(args, "peer", True) and "ssd300_vgg16" in names:
         try:
             peer = _time_torchvision(batch, dtype_name == "bf16", timing)
         except ImportError as e:

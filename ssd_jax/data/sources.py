@@ -27,11 +27,9 @@ dropped, annotations of missing image files dropped, images without objects kept
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
-import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from typing import Any
@@ -41,6 +39,7 @@ from absl import logging
 
 from ssd_jax.data.tf_compat import tf
 from ssd_jax.errors import ConfigError, DataError
+from ssd_jax.image import image_id_from_name
 
 KINDS = ("synthetic", "coco_json", "voc_xml", "tfds")
 _MIN_BOX_SIDE = 1e-4  # boxes thinner than this (normalized) after clipping are degenerate
@@ -382,17 +381,6 @@ def _voc_ids(root: str, split: str) -> list[str]:
         raise FileNotFoundError(f"VOC split file not found: {path}")
     with tf.io.gfile.GFile(path, "r") as f:
         return [line.split()[0] for line in f if line.strip()]
-
-
-def image_id_from_name(name: str) -> int:
-    """The image id of a file name without one in an annotation file: the digits of its stem
-    (VOC's 2008_000123.jpg -> 2008000123, COCO's 000000397133.jpg -> 397133), or a 56-bit hash
-    of the stem when it has no digits or more than 17. The one rule of every source."""
-    stem = os.path.splitext(os.path.basename(name))[0]
-    digits = re.sub(r"\D", "", stem)
-    if digits and len(digits) < 18:
-        return int(digits)
-    return int.from_bytes(hashlib.sha1(stem.encode()).digest()[:7], "big")
 
 
 def voc_xml_table(root: str, split: str, class_names: tuple[str, ...], *,

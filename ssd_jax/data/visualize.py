@@ -26,10 +26,9 @@ def save_sample_grid(
       scores: float [b,M] detection scores (overrides batch["scores"]); boxes with a score
         <= score_threshold are not drawn, and the score is printed after the name.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     images = np.asarray(batch["image"])
     boxes = np.asarray(batch["boxes"])
@@ -42,8 +41,11 @@ def save_sample_grid(
     n = max(len(keep), 1)
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    # a Figure of its own (Agg canvas): no pyplot state, no global backend change, so a notebook
+    # that calls this keeps its inline plots
+    fig = Figure(figsize=(3.2 * ncols, 3.2 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    cmap = colormaps["tab20"]
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, keep, strict=False):
@@ -55,7 +57,7 @@ def save_sample_grid(
             x0, y0, x1, y1 = boxes[i, j] * [w, h, w, h]
             label = int(labels[i, j])
             color = cmap((label - 1) % 20)
-            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5,
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.5,
                                        edgecolor=color))
             name = class_names[label - 1] if 0 < label <= len(class_names) else str(label)
             text = name if scores is None else f"{name} {float(scores[i][j]):.2f}"
@@ -65,7 +67,6 @@ def save_sample_grid(
         ax.set_ylim(h, 0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -102,16 +103,13 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sc
 def plot_pr_curves(class_names: Sequence[str], precision: Sequence[Any], recall: Sequence[Any],
                    aps: Sequence[float], path: str, title: str = "") -> str:
     """One precision/recall subplot per class (matplotlib, Agg), AP in the title; saved to path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = len(class_names)
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False,
-                             sharex=True, sharey=True)
+    fig = Figure(figsize=(2.6 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     for k, ax in enumerate(axes.flat):
         if k >= n:
             ax.axis("off")
@@ -136,5 +134,4 @@ def plot_pr_curves(class_names: Sequence[str], precision: Sequence[Any], recall:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-__all__ = ["decode_image", "image_id_from_name", "read_image", "resize"]
+__all__ = ["decode_image", "decode_image_and_mode", "image_id_from_name", "read_image", "resize"]
 
 
 def read_image(path_or_file: str | os.PathLike | BinaryIO) -> np.ndarray:
@@ -37,6 +37,16 @@ def read_image(path_or_file: str | os.PathLike | BinaryIO) -> np.ndarray:
         img.load()
         rgb = img if img.mode == "RGB" else img.convert("RGB")
         return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_image_and_mode(data: bytes) -> tuple[np.ndarray, str]:
+    """(`decode_image(data)`, the file's Pillow mode before conversion: "RGB", "L", "RGBA",
+    "CMYK", "P", ...); the input pipeline counts the images that were not RGB."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        mode = img.mode
+        rgb = img if mode == "RGB" else img.convert("RGB")
+        return np.asarray(rgb, dtype=np.uint8), mode
 
 
 def decode_image(data: bytes) -> np.ndarray:

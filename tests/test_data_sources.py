@@ -149,7 +149,7 @@ def test_coco_json_eval_keeps_crowd_and_masks_padding(coco_dir):
     np.testing.assert_array_equal(good["iscrowd"][j], [False, False, True, False])
     np.testing.assert_array_equal(good["image_size"][j], [40, 60])
     assert ev.stats["images_skipped_undecodable"] == 2
-    assert ev.stats["images_converted_to_rgb"] == 2  # grayscale JPEG and RGBA PNG
+    assert ev.stats["images_converted_to_rgb"] == 3  # grayscale JPEG, RGBA PNG, CMYK JPEG
     for b in batches:
         assert b["image"].shape == (3, S, S, 3) and b["image"].dtype == np.uint8
         assert not b["image"][~b["mask"]].any()
@@ -250,7 +250,7 @@ def test_tfds_coco_class_names_map_to_coco_category_ids():
 def test_decode_image_layouts():
     for data, converted in [(_jpeg(_image()), False), (_jpeg(_image(), "L"), True),
                             (_png(_image(), "RGBA"), True), (_png(_image(), "LA"), True),
-                            (_jpeg(_image(), "CMYK"), False)]:
+                            (_jpeg(_image(), "CMYK"), True)]:
         image, conv = pipeline.decode_image(data)
         assert image.shape == (40, 60, 3) and image.dtype == np.uint8
         assert bool(conv) == converted

@@ -197,16 +197,23 @@ def _stats(**values: Any) -> dict[str, tf.Tensor]:
 
 
 def decode_image(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Encoded JPEG/PNG/GIF/BMP/WebP -> (uint8 [H,W,3] RGB, bool: converted from another layout).
+    """Encoded JPEG/PNG/GIF/BMP/WebP/TIFF -> (uint8 [H,W,3] RGB, bool: converted from another
+    layout: grayscale, alpha, palette, CMYK, 16-bit).
 
-    Grayscale (+alpha) is replicated to RGB, alpha dropped; CMYK JPEGs come out RGB from the
-    decoder. Undecodable data raises (callers catch it with tf.data's ignore_errors).
+    `ssd_jax.image.decode_image_and_mode` (Pillow) through tf.numpy_function: the decoder that
+    prediction uses, so evaluation and `experiments.predict` see the same pixels of a file
+    (TensorFlow's and Pillow's JPEG decoders differ by a few levels). Undecodable data raises
+    (callers catch it with tf.data's ignore_errors).
     """
-    img = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
-    c = tf.shape(img)[2]
-    rgb = tf.cond(c >= 3, lambda: img[..., :3], lambda: tf.tile(img[..., :1], [1, 1, 3]))
+    from ssd_jax import image as image_lib
+
+    def decode(b):
+        img, mode = image_lib.decode_image_and_mode(bytes(b))
+        return img, np.bool_(mode != "RGB")
+
+    rgb, converted = tf.numpy_function(decode, [data], [tf.uint8, tf.bool], stateful=False)
     rgb.set_shape([None, None, 3])
-    return rgb, tf.not_equal(c, 3)
+    return rgb, tf.reshape(converted, [])
 
 
 class _TableTF:

@@ -12,7 +12,7 @@ Three architectures share one `SSD` module:
     or 5 without the stride-4 map), cheap enough to train from scratch on a CPU (the embedded
     default).
 
-Priors and head outputs share the order of DESIGN.md: maps largest first, locations row-major,
+Priors and head outputs share one order (Caffe's and torchvision's): maps largest first, locations row-major,
 the boxes of one location contiguous; a head's NHWC output [B,H,W,A*K] reshapes to [B,H*W*A,K].
 Box predictions are offsets (dcx, dcy, dw, dh) against center-form priors (see box_coder).
 

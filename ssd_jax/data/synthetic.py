@@ -9,7 +9,7 @@ at least 4% of the image side. Placements that would break this are re-sampled.
 
 The class is decided by shape only: colours are drawn independently of the class.
 
-Conventions (see DESIGN.md):
+Conventions (those of every ssd_jax API):
   * images are RGB uint8 [S, S, 3];
   * boxes are corner form (xmin, ymin, xmax, ymax) normalized to [0, 1], tight around the *visible*
     pixels of each shape and exact to the pixel grid: ``xmin = min_col / S``,

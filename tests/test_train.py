@@ -143,8 +143,39 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path):
     config.schedule = "piecewise"
     config.optimizer = "sgd"
     config.checkpoint_every_steps = 0
-    with pytest.raises(FloatingPointError, match=r"step"):
+    # before any checkpoint: the message says so (it said "step None")
+    with pytest.raises(FloatingPointError, match=r"in steps 1\.\.2; stopping: no checkpoint was "
+                       r"written yet \(a rerun starts from step 0\)") as e:
         train_lib.train_and_evaluate(config, str(tmp_path))
+    assert "None" not in str(e.value)
+
+
+def test_workdir_with_another_config_is_refused_before_it_is_touched(tmp_path):
+    config = tiny_config()
+    config.num_train_steps = 2
+    config.checkpoint_every_steps = 0
+    train_lib.train_and_evaluate(config, str(tmp_path))
+    before = {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)}
+    info = (tmp_path / "run_info.json").read_bytes()
+    changed = tiny_config()
+    changed.model.width_mult = 0.5
+    changed.learning_rate = 0.5
+    with pytest.raises(train_lib.WorkdirMismatchError,
+                       match=r"(?s)learning_rate: 0.01 in the workdir, 0.5 now.*model.width_mult: "
+                             r"1.0 in the workdir, 0.5 now"):
+        train_lib.train_and_evaluate(changed, str(tmp_path))
+    assert (tmp_path / "run_info.json").read_bytes() == info
+    assert {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)} == before
+    # run length, logging and eval cadence may change: the same run goes on
+    longer = tiny_config()
+    longer.num_train_steps, longer.checkpoint_every_steps, longer.log_every_steps = 4, 0, 1
+    state, _ = train_lib.train_and_evaluate(longer, str(tmp_path))
+    assert int(state.step) == 4
+    # a checkpoint without its run_info.json (an older run): orbax's shape error becomes a message
+    os.remove(tmp_path / "run_info.json")
+    with pytest.raises(train_lib.WorkdirMismatchError, match=r"checkpoint of step 4 .* does not "
+                       r"fit the model and optimizer of this config"):
+        train_lib.train_and_evaluate(changed, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- parallelism

@@ -1,7 +1,7 @@
 """Evaluate a training run's checkpoint: metrics, COCO results, a per-class AP table, PR curves.
 
     python -m experiments.evaluate --workdir=RUN_DIR [--out=EVAL_DIR] [--step=N] [--metric=coco]
-    python -m experiments.evaluate --workdir=RUN_DIR --config=ssd300_voc \
+    python -m experiments.evaluate --workdir=RUN_DIR --config=ssd300_voc
         --config.dataset.data_dir=DIR        # another dataset/split (same classes)
 
 The evaluation is the training loop's (`ssd_jax.inference.evaluate_run`: the same shard_mapped

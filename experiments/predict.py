@@ -2,7 +2,7 @@
 
     python -m experiments.predict --workdir=RUN_DIR --images=photos/,extra.jpg --out=OUT_DIR
     python -m experiments.predict --workdir=RUN_DIR --images=val/ --out=OUT --annotations=val.json
-    python -m experiments.predict --torchvision_checkpoint=ssd300_vgg16_coco-b556d3b4.pth \
+    python -m experiments.predict --torchvision_checkpoint=ssd300_vgg16_coco-b556d3b4.pth
         --images=photos/ --out=OUT_DIR --min_score=0.4
 
 Written to --out: <name>.png per image (detections scoring >= --min_score), detections.json (COCO

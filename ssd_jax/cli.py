@@ -306,6 +306,18 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         flags.DEFINE_boolean("print_config", False,
                              "Print the config's fields (after overrides) with their comments, "
                              "then exit.")
+    # --help lists the flags of the program absl sees as main (argv[0]): the command's own flags,
+    # also when it runs as a console script (ssd-train), and the flags defined here
+    command = sys.modules.get(main.__module__)
+    names = ["config", "print_config", "debug"]
+    if main.__module__ != "__main__":
+        names += [f.name for f in FLAGS.get_key_flags_for_module(main.__module__)]
+        main_module = sys.modules.get("__main__")
+        if main_module is not None and command is not None and command.__doc__:
+            main_module.__doc__ = command.__doc__  # absl's usage text is __main__'s docstring
+    for name in names:
+        if name in FLAGS:
+            FLAGS.register_key_flag_for_module(argv[0], FLAGS[name])
     loaded: dict[str, Any] = {}
 
     def fail(message: str, code: int = 1):

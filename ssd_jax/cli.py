@@ -221,10 +221,12 @@ def config_comments(*paths: str) -> dict[str, str]:
         with open(path) as f:
             lines = f.read().splitlines()
         above: list[str] = []
+        continued = -1  # lines up to here continue an inline comment: not a block above
         for i, line in enumerate(lines):
             stripped = line.strip()
             if stripped.startswith("#"):
-                above.append(stripped.lstrip("#").strip())
+                if i > continued:
+                    above.append(stripped.lstrip("#").strip())
                 continue
             m = re.match(r"\s*config((?:\.\w+)+)\s*=[^#]*?(?:#\s*(.*))?$", line)
             if m:
@@ -235,6 +237,7 @@ def config_comments(*paths: str) -> dict[str, str]:
                         lines[j].index("#") > len(line) - len(line.lstrip()):
                     comment += " " + lines[j].strip().lstrip("#").strip()
                     j += 1
+                continued = j - 1
                 if not comment and above:
                     comment = " ".join(above)
                 if comment and field not in out:

@@ -467,6 +467,37 @@ def _last_checkpoint(manager: ocp.CheckpointManager) -> str:
             else "no checkpoint was written yet (a rerun starts from step 0)")
 
 
+class _StopOnInterrupt:
+    """Ctrl-C (SIGINT) during training: a flag the loop checks once per step, so the interrupt
+    is never swallowed by a callback it happens to land in (JAX's GC callback ignores one); a
+    second Ctrl-C interrupts at once. Only in the main thread (signal handlers live there)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 class _WorkdirLog:
     """Every log record of the run (orbax's INFO lines included) into WORKDIR/train.log."""
 
@@ -586,8 +617,13 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
         return result
 
     done = start_step
+    if start_step > total:
+        logging.warning("the workdir's checkpoint (step %d) is past config.num_train_steps=%d: "
+                        "nothing to train; evaluating that checkpoint", start_step, total)
+    stop = _StopOnInterrupt()
     try:
         for step in range(start_step, total):
+            stop.check()
             local = next(train_iter)
             batch = steps.global_batch(local, train_keys)
             with jax.transfer_guard("disallow"):
@@ -622,14 +658,18 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
                 last_eval = run_eval(done)
                 logging.info("eval at step %d: %s", done, _summary(last_eval, config.metric))
 
-        if start_step < total or manager.latest_step() != total:
+        if start_step < total and manager.latest_step() != total:
             _check_finite_then_save(manager, state, total)
-        last_eval = run_eval(total)
+        stop.check()
+        last_eval = run_eval(max(total, start_step))
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"interrupted at step {done}; {_last_checkpoint(manager)}; run the same command to "
             "resume") from None
-    logging.info("final eval at step %d: %s", total, _summary(last_eval, config.metric))
+    finally:
+        stop.restore()
+    logging.info("final eval at step %d: %s", max(total, start_step),
+                 _summary(last_eval, config.metric))
     writer.flush()
     elapsed = time.perf_counter() - t_start
     if is_lead:

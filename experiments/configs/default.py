@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_checkpoint = ""        # orbax checkpoint whose params override the fresh init
 
     # The loss (ssd_jax.loss.multibox_loss) and matching.
+
     # Prior <-> ground truth IoU threshold for positives (the paper: 0.5; the VOC/COCO configs keep
     # it). The compact model's priors are sparse (1-2 per object at IoU 0.5, ~11 at 0.3), and more
     # positives per object learn faster here: 3000-step mAP 0.52 / 0.70 / 0.74 at 0.5 / 0.4 / 0.3.
@@ -93,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loc_weight = 1.0            # alpha of the paper's L = (L_conf + alpha L_loc) / N
 
     # Evaluation and detection (ssd_jax.postprocess.detect).
+
     config.metric = "voc07"            # voc07 (11-point mAP) | voc (area mAP) | coco (AP@[.5:.95])
     config.eval_batch_size = 64        # global eval batch; the last partial batch is padded + masked
     config.detect = ml_collections.ConfigDict()

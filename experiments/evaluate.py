@@ -21,12 +21,13 @@ from absl import flags
 
 from ssd_jax import cli
 from ssd_jax.errors import UserError
+from ssd_jax.evaluation import METRICS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (run_info.json + checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval_<step>).")
-flags.DEFINE_enum("metric", None, ["voc07", "voc", "coco"], "Metric (default: the run's).")
+flags.DEFINE_enum("metric", None, list(METRICS), "Metric (default: the run's).")
 flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the run's eval_batch_size).")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

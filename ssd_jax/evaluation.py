@@ -27,6 +27,8 @@ from ssd_jax.distributed import host_local
 Record = Mapping[str, Any]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+#: config.metric: VOC07 11-point mAP (the paper's), VOC2010+ area mAP, COCO AP@[.5:.95]
+METRICS = ("voc07", "voc", "coco")
 
 
 # ----------------------------------------------------------------------------------------- VOC
@@ -296,7 +298,7 @@ class DetectionEvaluator:
 
     def __init__(self, num_classes: int, metric: str = "voc07",
                  class_names: Sequence[str] | None = None):
-        if metric not in ("voc07", "voc", "coco"):
+        if metric not in METRICS:
             raise ValueError(f"metric must be 'voc07', 'voc' or 'coco', got {metric!r}")
         if class_names is not None and len(class_names) not in (num_classes, num_classes - 1):
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")

@@ -35,15 +35,15 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ssd_jax import evaluation, matching, models, postprocess, priors
 from ssd_jax import loss as loss_lib
-from ssd_jax import matching, models, postprocess, priors
 from ssd_jax.distributed import host_local
 from ssd_jax.errors import ConfigError, TrainingInterrupted, UserError, WorkdirMismatchError
 
 if TYPE_CHECKING:  # the steps read a config by attribute only: no ml_collections on a bare host
     import ml_collections
 
-METRICS = ("voc07", "voc", "coco")
+METRICS = evaluation.METRICS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -528,7 +528,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """
     from clu import metric_writers  # imports TensorFlow: keep the module importable without it
 
-    from ssd_jax import evaluation
     from ssd_jax.data import pipeline
 
     validate_config(config)

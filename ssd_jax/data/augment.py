@@ -33,8 +33,9 @@ Evaluation (`eval_resize`) is a bilinear resize only.
 from __future__ import annotations
 
 from ssd_jax.data.tf_compat import tf
+from ssd_jax.models import CAFFE_MEAN
 
-MEAN_RGB = (123.0, 117.0, 104.0)
+MEAN_RGB = CAFFE_MEAN  # the fill of zoom-out canvases: the mean the VGG/compact models subtract
 MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
 NUM_SAMPLERS = 2 + len(MIN_IOUS)  # whole image, 5 min-IoU samplers, unconstrained patch
 NUM_TRIALS = 50

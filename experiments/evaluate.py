@@ -24,11 +24,16 @@ from ssd_jax.errors import UserError
 from ssd_jax.evaluation import METRICS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (run_info.json + checkpoints/).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval_<step>).")
-flags.DEFINE_enum("metric", None, list(METRICS), "Metric (default: the run's).")
-flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the run's eval_batch_size).")
+
+
+def define_flags() -> None:
+    """The command's flags (defined by `run`, so that importing several commands in one
+    process never clashes on names like --workdir)."""
+    flags.DEFINE_string("workdir", None, "Training workdir (run_info.json + checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval_<step>).")
+    flags.DEFINE_enum("metric", None, list(METRICS), "Metric (default: the run's).")
+    flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the run's eval_batch_size).")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -64,6 +69,7 @@ def main(argv: Sequence[str], config: Any) -> None:
 
 def run() -> None:
     """The `ssd-evaluate` console script."""
+    define_flags()
     cli.run(main, configs_dir=CONFIGS, default_config=None)
 
 

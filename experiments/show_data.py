@@ -16,11 +16,17 @@ from ssd_jax import cli
 from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "samples.png", "Output PNG path.")
-flags.DEFINE_integer("num_images", 16, "Number of samples in the grid.")
-flags.DEFINE_integer("image_size", 0, "Input side; 0 = the config's model input size.")
-flags.DEFINE_integer("step", 0, "Training step whose augmentation is shown.")
-flags.DEFINE_boolean("eval", False, "Show the (non-augmented) eval pipeline instead.")
+
+
+def define_flags() -> None:
+    """The command's flags (defined by `run`, so that importing several commands in one
+    process never clashes on names like --workdir)."""
+    flags.DEFINE_string("out", "samples.png", "Output PNG path.")
+    flags.DEFINE_integer("num_images", 16, "Number of samples in the grid.")
+    flags.DEFINE_integer("image_size", 0, "Input side; 0 = the config's model input size.")
+    flags.DEFINE_integer("step", 0, "Training step whose augmentation is shown (for synthetic data, "
+                         "of the --num_images images generated, not the run's batch of that step).")
+    flags.DEFINE_boolean("eval", False, "Show the (non-augmented) eval pipeline instead.")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -30,6 +36,8 @@ def main(argv, config):
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.num_images < 1:
         raise UserError(f"--num_images must be >= 1, got {FLAGS.num_images}")
+    if FLAGS.image_size < 0:
+        raise UserError(f"--image_size must be >= 0 (0: the model's), got {FLAGS.image_size}")
     if os.path.isdir(FLAGS.out):
         raise UserError(f"--out={FLAGS.out} is a folder; give a .png file path")
     from ssd_jax import train_lib
@@ -57,6 +65,7 @@ def main(argv, config):
 
 def run():
     """The `ssd-show-data` console script."""
+    define_flags()
     cli.run(main, configs_dir=CONFIGS, default_config="default")
 
 

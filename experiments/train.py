@@ -16,10 +16,15 @@ from ssd_jax import cli
 from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and pictures.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
+
+
+def define_flags() -> None:
+    """The command's flags (defined by `run`, so that importing several commands in one
+    process never clashes on names like --workdir)."""
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and pictures.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+    flags.DEFINE_integer("process_id", None, "Index of this process (multi-process runs).")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -42,6 +47,7 @@ def main(argv, config):
 
 def run():
     """The `ssd-train` console script."""
+    define_flags()
     cli.run(main, configs_dir=CONFIGS, default_config="default")
 
 

@@ -141,9 +141,13 @@ def parse_value(text: str, current: Any, field: str) -> Any:
             value = None
         if not isinstance(value, tuple | list):
             items = [t.strip() for t in text.split(",") if t.strip()] if text.strip() else []
-            kind = type(current[0]) if len(current) else str
             try:
-                value = [kind(t) for t in items]
+                if len(current):
+                    kind = type(current[0])
+                    value = [kind(t) for t in items]
+                else:  # no element to copy the type from: numbers as numbers, else text
+                    kind = str
+                    value = [_literal_or_text(t) for t in items]
             except ValueError:
                 raise ConfigError(f"{what}: config.{field} is a list of {kind.__name__}, e.g. "
                                   f"a,b or (1, 2)") from None
@@ -151,6 +155,14 @@ def parse_value(text: str, current: Any, field: str) -> Any:
     if isinstance(current, str) or current is None:
         return text
     raise ConfigError(f"{what}: config.{field} cannot be set from the command line")
+
+
+def _literal_or_text(text: str) -> Any:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return value if isinstance(value, int | float) else text
 
 
 def apply_override(config: Any, dotted: str, text: str) -> None:
@@ -322,6 +334,7 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         if name in FLAGS:
             FLAGS.register_key_flag_for_module(argv[0], FLAGS[name])
     loaded: dict[str, Any] = {}
+    debug_flag = {"on": debug}
 
     def fail(message: str, code: int = 1):
         print(f"error: {message}", file=sys.stderr)
@@ -333,6 +346,7 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
                 args, None, [])
         except ConfigError as e:
             fail(str(e), 2)
+        rest = ["--help" if a == "-h" else a for a in rest]  # absl knows --help and -?, not -h
         help_asked = any(a in _HELP for a in rest)
         try:
             remaining = FLAGS(rest)
@@ -345,12 +359,16 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
             raise
         except flags.Error as e:
             fail(f"{e} (--help lists the flags)", 2)
+        debug_flag["on"] = debug or bool(FLAGS.debug)
         if configs_dir is None:
             return remaining
         spec = spec if spec is not None else FLAGS.config
         if spec is None:
             if overrides:
                 fail(f"--config.{overrides[0][0]} given without --config", 2)
+            if FLAGS.print_config:
+                print("no config: this command uses the run's own unless --config=NAME is given")
+                sys.exit(0)
             loaded["config"] = None
             return remaining
         try:
@@ -376,13 +394,17 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         try:
             return main(args, loaded["config"]) if configs_dir is not None else main(args)
         except KeyboardInterrupt as e:
-            if debug:
+            if debug_flag["on"]:
                 raise
             message = str(e) if str(e) else "interrupted"
             print(f"\n{message}", file=sys.stderr)
             sys.exit(130)
         except USER_ERRORS as e:
-            if debug:
+            if debug_flag["on"]:
+                raise
+            fail(_message(e))
+        except OSError as e:  # a path the user named (read-only, full disk, ...): not a bug
+            if debug_flag["on"] or e.filename is None:
                 raise
             fail(_message(e))
 

@@ -2,8 +2,8 @@
 
 A `UserError` names the flag, config field or file at fault and what to do about it; the commands
 (`ssd_jax.cli.run`) print its message without a traceback (``--debug`` or ``SSD_JAX_DEBUG=1``
-shows it). Anything else that escapes is a bug and keeps its traceback. Every class here is also
-a ValueError (or the matching builtin), so library callers that catch those keep working.
+shows it). Anything else that escapes is a bug and keeps its traceback. The subclasses are also
+ValueErrors, so library callers that catch ValueError keep working.
 """
 
 from __future__ import annotations

@@ -27,26 +27,37 @@ from PIL import Image
 __all__ = ["decode_image", "decode_image_and_mode", "image_id_from_name", "read_image", "resize"]
 
 
-def read_image(path_or_file: str | os.PathLike | BinaryIO) -> np.ndarray:
-    """An image file (path or binary file object) -> uint8 [H,W,3] RGB.
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """uint8 [H,W,3] RGB of an opened image. Grayscale, alpha, palette and CMYK images go through
+    Pillow's `convert("RGB")` (alpha dropped); 16-bit and 32-bit grayscale ("I;16", "I", "F")
+    are scaled to 8 bits first (the top 8 of 16 bits, as TensorFlow's decoder does), which
+    `convert` would clip to white instead."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if img.mode == "F":
+            gray = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+        else:
+            gray = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return np.asarray(rgb, dtype=np.uint8)
 
-    Grayscale, alpha, palette and CMYK images are converted with Pillow's `convert("RGB")` (alpha
-    is dropped). Raises PIL.UnidentifiedImageError (an OSError) or OSError on undecodable data.
+
+def read_image(path_or_file: str | os.PathLike | BinaryIO) -> np.ndarray:
+    """An image file (path or binary file object) -> uint8 [H,W,3] RGB (see `_to_rgb` for the
+    other layouts). Raises PIL.UnidentifiedImageError (an OSError) or OSError on undecodable data.
     """
     with Image.open(path_or_file) as img:
         img.load()
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8)
+        return _to_rgb(img)
 
 
 def decode_image_and_mode(data: bytes) -> tuple[np.ndarray, str]:
     """(`decode_image(data)`, the file's Pillow mode before conversion: "RGB", "L", "RGBA",
-    "CMYK", "P", ...); the input pipeline counts the images that were not RGB."""
+    "CMYK", "P", "I;16", ...); the input pipeline counts the images that were not RGB."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        mode = img.mode
-        rgb = img if mode == "RGB" else img.convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8), mode
+        return _to_rgb(img), img.mode
 
 
 def decode_image(data: bytes) -> np.ndarray:

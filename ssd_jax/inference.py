@@ -2,7 +2,7 @@
 
     run = load_run(workdir)                      # run_info.json + checkpoint (latest or step)
     predictor = Predictor.from_run(run)          # or Predictor.from_torchvision("ssd300.pth")
-    dets = predictor.predict([image_a, image_b]) # uint8 [H,W,3] of any size and mode
+    dets = predictor.predict([image_a, image_b]) # uint8 [H,W,3] (or gray, RGBA) of any size
     dets[0].boxes                                # [N,4] pixel corners in image_a; .scores, .labels,
                                                  # .category_ids (the training data's own ids)
     result = predict_files(predictor, paths, out_dir)      # PNGs + COCO results JSON
@@ -49,7 +49,7 @@ class Run:
 
     Attributes:
       model: the SSD of the run's config (no BatchNorm axis: plain inference).
-      variables: {"params": ..., ["batch_stats": ...]} as host numpy arrays.
+      variables: {"params": ..., ["batch_stats": ...]} as arrays on this host's first device.
       config: the run's ConfigDict (from run_info.json).
       class_names: names of labels 1..C-1.
       category_ids: the dataset's id of label i at [i-1].
@@ -89,7 +89,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise UserError(f"--workdir={workdir} has no checkpoints/ yet (the run has not saved one)")
-    with ocp.CheckpointManager(ckpt_dir) as manager:
+    with ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler()) as manager:
         steps = sorted(manager.all_steps())
         if not steps:
             raise UserError(f"--workdir={workdir} has no checkpoint yet (the run has not saved one)")
@@ -97,7 +97,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
         if step not in steps:
             raise UserError(f"--step={step}: no checkpoint of that step in {ckpt_dir}; steps "
                             f"there: {steps}")
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
+        restored = _restore_on_this_host(manager, step)
     variables = {"params": restored["params"]}
     if restored.get("batch_stats"):
         variables["batch_stats"] = restored["batch_stats"]
@@ -110,6 +110,20 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     check_variables_fit(model, variables, what=f"checkpoint of step {step} in {workdir}")
     return Run(model, variables, config, class_names, category_ids, int(step),
                os.path.abspath(workdir))
+
+
+def _restore_on_this_host(manager: Any, step: int) -> dict[str, Any]:
+    """The checkpoint's tree with every array on this host's first device, whatever mesh and
+    process count wrote it (restoring with the saved shardings fails on another topology: a
+    run trained on 8 devices or 2 processes, evaluated on a laptop)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    metadata = manager.item_metadata(step)
+    tree = getattr(metadata, "tree", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def check_variables_fit(model: Any, variables: Any, what: str = "checkpoint") -> None:
@@ -229,6 +243,9 @@ class Predictor:
             state_dict = convert.load_state_dict(path)
             model, variables = convert.from_torchvision_ssd(
                 state_dict, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        except ImportError as e:
+            raise UserError(f"--torchvision_checkpoint={path}: reading it needs {e.name or 'torch'} "
+                            "(pip install torch), or convert the file to .safetensors") from None
         except convert.StateDictError as e:
             raise CheckpointMismatchError(
                 f"--torchvision_checkpoint={path} is not a torchvision ssd300_vgg16 state dict: "
@@ -249,8 +266,23 @@ class Predictor:
         return self.fn(self.variables, images)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """uint8 [H,W,3] of any size -> uint8 [S,S,3]: the resize evaluation uses."""
-        return image_lib.resize(np.asarray(image, np.uint8), self.image_size)
+        """uint8 image of any size -> uint8 [S,S,3]: the resize evaluation uses.
+
+        Takes [H,W,3] RGB, [H,W] or [H,W,1] grayscale (replicated) and [H,W,4] RGBA (alpha
+        dropped); anything else, and non-uint8 pixels (e.g. floats in [0, 1]), is a UserError.
+        """
+        image = np.asarray(image)
+        if image.dtype != np.uint8:
+            raise UserError(f"Predictor takes uint8 RGB images in [0, 255], got dtype "
+                            f"{image.dtype} (for floats in [0, 1]: (x * 255).round().astype(np.uint8))")
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+            raise UserError(f"Predictor takes images [H,W,3] (or [H,W], [H,W,1], [H,W,4]), got "
+                            f"shape {image.shape}")
+        if image.shape[-1] == 1:
+            image = np.repeat(image, 3, axis=-1)
+        return image_lib.resize(np.ascontiguousarray(image[..., :3]), self.image_size)
 
     def predict(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageDetections]:
         """Detections of uint8 [H,W,3] RGB images of any sizes, boxes in each image's pixels.
@@ -370,11 +402,13 @@ def _load(path: str, predictor: Predictor) -> tuple[np.ndarray, tuple[int, int]]
 
 @dataclasses.dataclass
 class PredictResult:
-    """What `predict_files` did: COCO results, PNGs written and files skipped (file, error)."""
+    """What `predict_files` did: COCO results, PNGs written, files skipped as unreadable (file,
+    error; no detections) and PNGs that could not be drawn (file, error; detections kept)."""
 
     results: list[dict[str, Any]]
     pngs: list[str]
     skipped: list[tuple[str, str]]
+    draw_failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
@@ -404,6 +438,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
     results: list[dict[str, Any]] = []
     pngs: list[str] = []
     skipped: list[tuple[str, str]] = []
+    draw_failed: list[tuple[str, str]] = []
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress, file=sys.stderr)
 
     def draw(path: str, out: str, det: ImageDetections) -> str | None:
@@ -459,7 +494,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
             if err is None:
                 pngs.append(os.path.join(out_dir, names[i]))
             else:
-                skipped.append((paths[i], err))
+                draw_failed.append((paths[i], err))
     bar.close()
 
     with open(os.path.join(out_dir, "detections.json"), "w") as f:
@@ -470,7 +505,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
             json.dump([{"file": p, "error": e} for p, e in skipped], f, indent=1)
     elif os.path.exists(skipped_path):
         os.remove(skipped_path)
-    return PredictResult(results, pngs, skipped)
+    return PredictResult(results, pngs, skipped, draw_failed)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -503,8 +538,8 @@ def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int 
             config.metric = metric
         if batch_size is not None:
             config.eval_batch_size = int(batch_size)
-    train_lib.validate_config(config)
-    data = pipeline.InputPipeline(config.dataset)
+    train_lib.validate_config(config, purpose="eval")
+    data = pipeline.InputPipeline(config.dataset, splits=("eval",))
     if dataset_config is not None:
         info = data.info()
         if info.num_classes != run.model.num_classes:
@@ -531,8 +566,9 @@ def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int 
                                      progress=progress)
     metrics = evaluator.run(variables)
     gts, dets = evaluator.accumulator.records()  # every process's images, as result() scored
+    # per-class curves: VOC matching at IoU 0.5; the AP is VOC07's for voc07, else the area AP
     curves = evaluation.evaluate_voc(gts, dets, model.num_classes,
-                                     use_07_metric=config.metric != "voc", return_curves=True)
+                                     use_07_metric=config.metric == "voc07", return_curves=True)
     num_gt = []
     for c in range(1, model.num_classes):
         n = 0

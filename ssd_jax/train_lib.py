@@ -69,18 +69,24 @@ class TrainState(struct.PyTreeNode):
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    num_processes: int | None = None, check_data: bool = True) -> None:
+                    num_processes: int | None = None, check_data: bool = True,
+                    purpose: str = "train") -> None:
     """Raise ConfigError naming the field for a config that cannot run; called before any compile.
 
     With `check_data` (needs TensorFlow), config.dataset is checked too: the fields its kind
-    needs and the files and folders they name.
+    needs and the files and folders they name. `purpose="eval"` checks only what evaluating a
+    saved checkpoint needs (the eval split, eval_batch_size, the metric), so a run trained
+    elsewhere (other devices, training data not copied) can be evaluated.
     """
+    if purpose not in ("train", "eval"):
+        raise ValueError(f"purpose must be 'train' or 'eval', got {purpose!r}")
+    training = purpose == "train"
     num_devices = jax.device_count() if num_devices is None else num_devices
     num_processes = jax.process_count() if num_processes is None else num_processes
     if check_data:
         from ssd_jax.data import sources
 
-        sources.validate_dataset_config(config.dataset)
+        sources.validate_dataset_config(config.dataset, ("train", "eval") if training else ("eval",))
     if config.model.name not in models.MODELS:
         raise ConfigError(f"config.model.name={config.model.name!r} is unknown; "
                           f"choose one of {tuple(models.MODELS)}")
@@ -92,7 +98,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ConfigError(f"config.dtype={config.dtype!r} is unknown; choose one of {tuple(DTYPES)}")
     if config.metric not in METRICS:
         raise ConfigError(f"config.metric={config.metric!r} is unknown; choose one of {METRICS}")
-    for name in ("batch_size", "eval_batch_size"):
+    for name in ("batch_size", "eval_batch_size") if training else ("eval_batch_size",):
         value = config.get(name)
         if not isinstance(value, int) or value <= 0 or value % num_devices:
             raise ConfigError(
@@ -112,7 +118,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ConfigError(f"config.schedule={config.schedule!r} must be 'cosine' or 'piecewise'")
     if int(config.max_boxes) < 1:
         raise ConfigError(f"config.max_boxes must be >= 1, got {config.max_boxes}")
-    if config.init_checkpoint and not os.path.exists(config.init_checkpoint):
+    bounds = tuple(config.lr_boundaries)
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bounds) or \
+            list(bounds) != sorted(bounds):
+        raise ConfigError(f"config.lr_boundaries={bounds!r} must be increasing positive step "
+                          "numbers, e.g. --config.lr_boundaries=80000,100000")
+    if training and config.init_checkpoint and not os.path.exists(config.init_checkpoint):
         raise ConfigError(f"config.init_checkpoint={config.init_checkpoint!r} does not exist")
 
 
@@ -187,11 +198,17 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.SSD,
     if config.init_checkpoint:
         from ssd_jax import convert
 
-        loaded = convert.load_checkpoint(config.init_checkpoint)
-        loaded_params = loaded.get("params", loaded)
-        params = convert.merge_params(params, loaded_params)
-        if "batch_stats" in loaded and batch_stats:
-            batch_stats = convert.merge_params(batch_stats, loaded["batch_stats"])
+        try:
+            loaded = convert.load_checkpoint(config.init_checkpoint)
+            loaded_params = loaded.get("params", loaded)
+            params = convert.merge_params(params, loaded_params)
+            if "batch_stats" in loaded and batch_stats:
+                batch_stats = convert.merge_params(batch_stats, loaded["batch_stats"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ConfigError(f"config.init_checkpoint={config.init_checkpoint}: not an ssd_jax "
+                              f"checkpoint that fits config.model ({first}); convert torchvision "
+                              "weights with `python -m experiments.convert_torchvision`") from None
         logging.info("initialized from %s", config.init_checkpoint)
     # One jitted tx.init: run eagerly, each zeros_like of each leaf shape compiles on its own
     # (about a hundred small compiles, 10-30 s on a 2-core CPU).
@@ -360,7 +377,9 @@ RUN_INFO = "run_info.json"
 #: what evaluation reports (a field or a group; everything else must equal the workdir's run).
 RESUMABLE_FIELDS = ("num_train_steps", "log_every_steps", "eval_every_steps",
                     "checkpoint_every_steps", "keep_checkpoints", "num_eval_images_to_draw",
-                    "draw_score_threshold", "eval_batch_size", "metric", "detect")
+                    "draw_score_threshold", "eval_batch_size", "metric", "detect",
+                    "init_checkpoint",  # only read when there is no checkpoint yet
+                    "dataset.cache_dir", "dataset.data_dir")  # where data lives, not what it is
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -382,7 +401,7 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict)
     new = _flatten(json.loads(config.to_json_best_effort()))
     diffs = []
     for key in sorted(old):
-        if key.split(".")[0] in RESUMABLE_FIELDS:
+        if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
             continue
         if key not in new:
             diffs.append(f"{key}: {old[key]!r} in the workdir, not in this config")
@@ -398,8 +417,16 @@ def read_run_info(workdir: str) -> dict[str, Any] | None:
     path = os.path.join(workdir, RUN_INFO)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        if not isinstance(info, dict) or not isinstance(info.get("config"), dict) or \
+                "num_classes" not in info or "class_names" not in info:
+            raise ValueError("missing config, num_classes or class_names")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WorkdirMismatchError(f"{path} is damaged ({e}); it is written only by a training "
+                                   "run: restore it or use a new --workdir") from None
+    return info
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -419,7 +446,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
                 f"use a new --workdir. Fields that differ:\n  {shown}")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        import uuid
+
+        probe = os.path.join(workdir, f".write_probe_{jax.process_index()}_{uuid.uuid4().hex}")
         with open(probe, "w") as f:
             f.write("")
         os.remove(probe)
@@ -504,7 +533,8 @@ class _WorkdirLog:
     def __init__(self, workdir: str):
         import logging as py_logging
 
-        self.path = os.path.join(workdir, "train.log")
+        i = jax.process_index()
+        self.path = os.path.join(workdir, "train.log" if i == 0 else f"train.{i}.log")
         self.handler = py_logging.FileHandler(self.path)
         self.handler.setFormatter(py_logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))

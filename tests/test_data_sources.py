@@ -154,6 +154,12 @@ def test_coco_json_eval_keeps_crowd_and_masks_padding(coco_dir):
         assert b["image"].shape == (3, S, S, 3) and b["image"].dtype == np.uint8
         assert not b["image"][~b["mask"]].any()
     assert len(list(ev)) == 3  # re-iterable
+    assert ev.stats["images_skipped_undecodable"] == 2  # per pass, not summed over passes
+    data = pipeline.InputPipeline(cfg)
+    again = data.eval_iterator(image_size=S, batch_size=3, max_boxes=4)
+    for _ in range(3):  # the training loop evaluates many times: its counts must not grow
+        list(again)
+    assert data.stats["images_skipped_undecodable"] == 2
 
 
 def test_voc_xml_source(voc_dir):

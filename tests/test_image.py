@@ -137,3 +137,22 @@ def test_read_image_rejects_garbage(tmp_path):
         image_lib.decode_image(truncated)
     with pytest.raises(FileNotFoundError):
         image_lib.read_image(tmp_path / "missing.png")
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG ramp keeps its gradient (Pillow's convert("RGB") clipped it to white); the
+    8-bit values are the top 8 bits, as TensorFlow's decoder gives them."""
+    import tensorflow as tf
+
+    ramp = (np.arange(64 * 32, dtype=np.uint32).reshape(32, 64) * 31).astype(np.uint16)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    got = image_lib.read_image(str(path))
+    assert got.shape == (32, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[..., 0], (ramp >> 8).astype(np.uint8))
+    ref = tf.image.convert_image_dtype(tf.io.decode_png(path.read_bytes(), dtype=tf.uint16),
+                                       tf.uint8).numpy()
+    np.testing.assert_array_equal(got, np.repeat(ref, 3, axis=-1) if ref.shape[-1] == 1 else ref)
+    assert (got < 255).mean() > 0.9

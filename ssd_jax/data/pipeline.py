@@ -77,9 +77,10 @@ class InputPipeline:
     ConfigError naming the field before anything is read.
     """
 
-    def __init__(self, dataset_cfg: Any):
-        sources.validate_dataset_config(dataset_cfg)
+    def __init__(self, dataset_cfg: Any, splits: tuple[str, ...] = ("train", "eval")):
+        sources.validate_dataset_config(dataset_cfg, splits)
         self.cfg = dataset_cfg
+        self.splits = tuple(splits)  # ("eval",): evaluation of a checkpoint, no training data
         self.stats: Counter = Counter()
         self.warnings: list[str] = []
         self._lock = threading.Lock()
@@ -117,13 +118,13 @@ class InputPipeline:
         """Classes, ids and sizes of the dataset (num_eval None if unknown)."""
         if self._info is not None:
             return self._info
-        train = self.source("train")
+        train = self.source("train" if "train" in self.splits else "eval")
         if isinstance(train, sources.TfdsSource):
             num_train = train.num_examples(sources.field(self.cfg, "train_split"))
             num_eval = train.num_examples(sources.field(self.cfg, "eval_split"))
             category_ids = sources.category_ids_of(tuple(train.class_names), train.names)
         else:
-            num_train = len(train)
+            num_train = len(train) if "train" in self.splits else None
             num_eval = len(self.source("eval"))
             category_ids = train.category_ids
         names = tuple(train.class_names)
@@ -423,19 +424,23 @@ class EvalIterator:
                  owner: InputPipeline):
         self.dataset = dataset
         self._owner = owner
+        self._counted = False  # the owner's stats count the eval images once, not once per pass
         self.num_batches = num_batches
         self.num_examples = num_examples  # images assigned to this host
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter()  # what the last pass repaired and skipped
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        self.stats = Counter()
         for batch in self.dataset.as_numpy_iterator():
             counts = _pop_stats(batch)
             self.stats.update({k: v for k, v in counts.items() if v})
-            self._owner.count(counts)
+            if not self._counted:
+                self._owner.count(counts)
             yield batch
+        self._counted = True
 
 
 def _make_eval_iterator(data: InputPipeline, *, image_size: int, batch_size: int, max_boxes: int,

@@ -183,9 +183,9 @@ def field(cfg: Any, name: str) -> Any:
                           "experiments/configs/default.py, which declares every field") from None
 
 
-def validate_dataset_config(cfg: Any) -> None:
-    """ConfigError naming the field when `cfg` (config.dataset) cannot give data; checks the
-    fields of its kind only, and that the files and folders it names exist."""
+def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval")) -> None:
+    """ConfigError naming the field when `cfg` (config.dataset) cannot give data for `splits`;
+    checks the fields of its kind only, and that the files and folders it names exist."""
     kind = field(cfg, "kind")
     if kind not in KINDS:
         raise ConfigError(f"config.dataset.kind={kind!r} is unknown; choose one of {KINDS}")
@@ -210,7 +210,7 @@ def validate_dataset_config(cfg: Any) -> None:
     elif kind == "coco_json":
         eval_hint = (" (evaluation runs during and after training: a held-out split, or the "
                      "training files to check the fit)")
-        for split in ("train", "eval"):
+        for split in splits:
             ann = need(f"{split}_annotations", eval_hint if split == "eval" else "")
             images = need(f"{split}_images", eval_hint if split == "eval" else "")
             if not tf.io.gfile.exists(ann) or tf.io.gfile.isdir(ann):
@@ -221,7 +221,7 @@ def validate_dataset_config(cfg: Any) -> None:
         root = need("root")
         if not tf.io.gfile.isdir(root):
             raise ConfigError(f"config.dataset.root={root!r}: no such folder")
-        for split in ("train_split", "eval_split"):
+        for split in (f"{s}_split" for s in splits):
             path = os.path.join(root, "ImageSets", "Main", f"{need(split)}.txt")
             if not tf.io.gfile.exists(path):
                 raise ConfigError(f"config.dataset.{split}={field(cfg, split)!r}: {path} not found")
@@ -277,7 +277,20 @@ def synthetic_table(cfg: Any, split: str) -> Table:
 
 def coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> Table:
     """COCO-format `annotations` (json) + `images_dir`. Category ids (sorted) map to labels 1..K;
-    `Table.category_ids` keeps the ids, `Table.image_id` the file's image ids."""
+    `Table.category_ids` keeps the ids, `Table.image_id` the file's image ids. A record missing
+    a COCO key or holding a value of the wrong type is a DataError naming the file."""
+    try:
+        return _coco_json_table(annotations, images_dir, keep_crowd=keep_crowd)
+    except (DataError, FileNotFoundError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{annotations}: not a well-formed COCO annotation file ({what}); each "
+                        "image needs id, file_name (width, height), each annotation image_id, "
+                        "category_id, bbox [x, y, w, h], each category id, name") from None
+
+
+def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> Table:
     if not tf.io.gfile.exists(annotations):
         raise FileNotFoundError(f"COCO annotation file not found: {annotations}")
     with tf.io.gfile.GFile(annotations, "r") as f:
@@ -371,7 +384,8 @@ def voc_class_names(root: str, splits: list[str]) -> tuple[str, ...]:
                 names.update((o.findtext("name") or "").strip() for o in tree.iter("object"))
     names.discard("")
     if not names:
-        raise ValueError(f"{root}: no object names found in Annotations/ for splits {splits}")
+        raise DataError(f"config.dataset.root={root}: no object names found in Annotations/ for "
+                        f"splits {splits}; set config.dataset.class_names")
     return tuple(sorted(names))
 
 
@@ -583,7 +597,7 @@ def load_source(cfg: Any, split: str) -> Table | TfdsSource:
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    validate_dataset_config(cfg)
+    validate_dataset_config(cfg, (split,))
     kind = field(cfg, "kind")
     keep_crowd = split == "eval"
     if kind == "synthetic":
@@ -593,9 +607,10 @@ def load_source(cfg: Any, split: str) -> Table | TfdsSource:
                               keep_crowd=keep_crowd)
     elif kind == "voc_xml":
         root = field(cfg, "root")
-        names = tuple(field(cfg, "class_names"))
+        names = tuple(str(n) for n in field(cfg, "class_names"))
         if not names:
-            names = voc_class_names(root, [field(cfg, "train_split"), field(cfg, "eval_split")])
+            splits = [field(cfg, "train_split"), field(cfg, "eval_split")]
+            names = voc_class_names(root, [s for s in splits if _voc_split_exists(root, s)])
         use_difficult = bool(field(cfg, "use_difficult")) or split == "eval"
         src = voc_xml_table(root, field(cfg, f"{split}_split"), names, use_difficult=use_difficult)
     else:
@@ -606,3 +621,7 @@ def load_source(cfg: Any, split: str) -> Table | TfdsSource:
         logging.info("dataset %s/%s: %d images, %d boxes, %d classes; repairs: %s", kind, split,
                      len(src), len(src.labels), len(src.class_names), _describe(src.stats))
     return src
+
+
+def _voc_split_exists(root: str, split: str) -> bool:
+    return tf.io.gfile.exists(os.path.join(root, "ImageSets", "Main", f"{split}.txt"))

@@ -3,7 +3,7 @@
 Modules of `ssd_jax.data` import `tf` from here, so TensorFlow never grabs accelerator memory
 that JAX needs. The import itself is quiet: TensorFlow's C++ start-up banners (oneDNN notices
 written before its logging is initialized, which TF_CPP_MIN_LOG_LEVEL does not silence) are
-dropped unless SSD_JAX_DEBUG is set; Python errors of the import still show.
+dropped unless SSD_JAX_DEBUG is set; if the import fails, what it printed is shown.
 """
 
 from __future__ import annotations
@@ -17,16 +17,23 @@ def _import_tensorflow():
         import tensorflow
 
         return tensorflow
+    import tempfile
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow
+        except BaseException:  # the import failed: what it printed is the explanation
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
     return tensorflow
 
 

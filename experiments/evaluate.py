@@ -4,6 +4,9 @@
     python -m experiments.evaluate --workdir=RUN_DIR --config=ssd300_voc
         --config.dataset.data_dir=DIR        # another dataset/split (same classes)
 
+With --config, only that config's `dataset` and `max_boxes` are used (the model, detect settings
+and metric stay the run's; --metric and --batch_size change those).
+
 The evaluation is the training loop's (`ssd_jax.inference.evaluate_run`: the same shard_mapped
 eval step, eval batches and `evaluation.Evaluator`), so it reports the mAP training reported for
 that checkpoint. Written to --out (default WORKDIR/eval_<step>): metrics.json, detections.json

@@ -420,8 +420,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
     detections.json (every detection: {"image_id", "file_name", "category_id" (the training
     data's ids), "category_name", "bbox": [x, y, w, h] pixels, "score"}; what
     `COCO(annotations).loadRes` takes), skipped.json (only when some file could not be read).
-    Files are decoded and resized by a thread pool while the device runs the previous batch; an
-    unreadable file is skipped and reported, never fatal.
+    Files are decoded and resized by a thread pool while the device runs the previous batch (and
+    decoded once more at their full size to draw the PNG, so that only one batch of full-size
+    images is held at a time); an unreadable file is skipped and reported, never fatal.
     """
     from tqdm import tqdm
 

@@ -24,6 +24,9 @@ from PIL import Image
 from ssd_jax.errors import DataError
 from tests.conftest import dataset_config
 
+# one worker runs the whole session (pytest -n 2 would otherwise train it on both workers)
+pytestmark = pytest.mark.xdist_group("user_data")
+
 CATEGORY_IDS = (1, 5, 17, 23, 42, 90)  # gapped, as in COCO; labels 1..6 of the synthetic shapes
 NUM_TRAIN, NUM_EVAL, SIDE = 24, 8, 128
 

@@ -122,12 +122,7 @@ def main(argv: Sequence[str]) -> list[Row]:
     modules = suite_modules()
     fv = flags.FlagValues()
     define_flags(fv, modules)
-    try:
-        rest = fv(["benchmark", *argv])
-    except flags.Error as e:
-        raise UserError(f"{e} (--help lists the flags)") from None
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+    cli.parse_flags(fv, "benchmark", argv)
     return run_suites(options(fv), modules)
 
 

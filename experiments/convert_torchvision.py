@@ -116,12 +116,7 @@ def main(argv: Sequence[str]) -> str:
     own (a bad flag raises UserError). Returns the checkpoint's absolute path."""
     fv = flags.FlagValues()
     define_flags(fv)
-    try:
-        rest = fv(["convert_torchvision", *argv])
-    except flags.Error as e:
-        raise UserError(f"{e} (--help lists the flags)") from None
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+    cli.parse_flags(fv, "convert_torchvision", argv)
     return _convert_flags(fv)
 
 

@@ -273,6 +273,17 @@ def format_config(config: Any, comments: dict[str, str]) -> str:
 
 # ----------------------------------------------------------------------------- running
 
+
+def parse_flags(fv: flags.FlagValues, program: str, argv: Sequence[str]) -> None:
+    """Parse command-line flags `argv` (no program name) into `fv`, a FlagValues of a command's
+    own, for calling the command from Python; a bad flag or a stray argument is a UserError."""
+    try:
+        rest = fv([program, *argv])
+    except flags.Error as e:
+        raise UserError(f"{e} (--help lists the flags)") from None
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+
 #: libraries whose INFO lines stay off the console (a training run keeps them in WORKDIR/train.log):
 #: orbax writes ~45 per checkpoint, clu's logging writer repeats every scalar of the progress line,
 #: jax reports the TPU backend it did not find.

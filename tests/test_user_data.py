@@ -24,7 +24,8 @@ from PIL import Image
 from ssd_jax.errors import DataError
 from tests.conftest import dataset_config
 
-# one worker runs the whole session (pytest -n 2 would otherwise train it on both workers)
+# one worker runs the whole session, built once (session fixtures: a worker interleaves modules,
+# which tears module fixtures down; pytest -n 2 would otherwise also train it on both workers)
 pytestmark = pytest.mark.xdist_group("user_data")
 
 CATEGORY_IDS = (1, 5, 17, 23, 42, 90)  # gapped, as in COCO; labels 1..6 of the synthetic shapes
@@ -43,7 +44,7 @@ def _coco_box(box: np.ndarray, w: int, h: int) -> list[float]:
     return [x0 * w, y0 * h, (x1 - x0) * w, (y1 - y0) * h]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def coco_folder(tmp_path_factory):
     """images/ (24 synthetic JPEGs + broken files), train.json, val/ (8 of the images, as new
     photos) and val.json (their own image ids 5000+); categories with gapped ids."""
@@ -98,7 +99,7 @@ def coco_folder(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def user_run(coco_folder, tmp_path_factory):
     """The commands a user types: train (no config file), predict on val/, evaluate."""
     cwd = str(tmp_path_factory.mktemp("cwd"))

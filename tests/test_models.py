@@ -237,3 +237,25 @@ def test_expected_feature_map_sizes():
     assert models.expected_feature_map_sizes("vgg16_512", 512) == SSD512_VOC.feature_map_sizes
     assert models.expected_feature_map_sizes("compact", 128) == (16, 8, 4, 2, 1)
     assert models.expected_feature_map_sizes("compact", 128, 6) == (32, 16, 8, 4, 2, 1)
+
+
+def _load_param_paths_fixture():
+    import importlib.util
+    import json
+    import pathlib
+
+    data = pathlib.Path(__file__).with_name("data")
+    spec = importlib.util.spec_from_file_location("make_param_paths", data / "make_param_paths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, json.loads((data / "param_paths.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["ssd300_vgg16", "ssd512_vgg16", "compact_6", "compact_5",
+                                  "compact_6_top_down", "compact_5_top_down", "compact_6_half",
+                                  "compact_5_top_down_half"])
+def test_variable_paths_and_shapes_are_pinned(case):
+    # Checkpoints store the variables tree: its paths and shapes must not change with a refactor
+    # (tests/data/param_paths.json was written by tests/data/make_param_paths.py).
+    module, pinned = _load_param_paths_fixture()
+    assert module.param_paths(case) == pinned[case]

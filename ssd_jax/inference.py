@@ -139,8 +139,8 @@ def check_variables_fit(model: Any, variables: Any, what: str = "checkpoint") ->
            for k, v in jax.tree_util.tree_leaves_with_path(dict(expected))}
     got = {jax.tree_util.keystr(k): tuple(np.shape(v))
            for k, v in jax.tree_util.tree_leaves_with_path(dict(variables))}
-    desc = (f"the model {getattr(model, 'arch', '?')!r} with num_classes={model.num_classes} "
-            f"at {size} px")
+    backbone = type(getattr(model, "backbone", None)).__name__
+    desc = f"the SSD with backbone {backbone}, num_classes={model.num_classes}, at {size} px"
     hint = ""
     heads = [k for k in got if "cls_head_0" in k and k.endswith("['bias']")]
     if heads:

@@ -150,3 +150,28 @@ SSD300_TORCHVISION = PriorSpec(
     aspect_ratios=_VOC_RATIOS_300,
     clip="wh",
 )
+
+_COMPACT_SCALES = (0.06, 0.16, 0.34, 0.52, 0.70, 0.88)
+
+#: Priors of the compact model: 128 px, 5 maps (strides 8..128); the smallest prior side is 6% of
+#: the image, so objects from ~5% to ~70% of the image side each have a well-overlapping prior.
+COMPACT_PRIORS = PriorSpec(
+    image_size=128,
+    feature_map_sizes=(16, 8, 4, 2, 1),
+    steps=(8, 16, 32, 64, 128),
+    min_sizes=tuple(s * 128 for s in _COMPACT_SCALES[:-1]),
+    max_sizes=tuple(s * 128 for s in _COMPACT_SCALES[1:]),
+    aspect_ratios=((2.0,), (2.0, 3.0), (2.0, 3.0), (2.0,), (2.0,)),
+)
+
+#: Priors of the compact model with a sixth, stride-4 source map (32x32, two aspect-1 boxes of
+#: 4% and 5.7% of the image): objects of 5-8% of the image side get priors whose centres are at
+#: most 1.6% of the image away (a stride-8 grid leaves 38% of them without a prior at IoU 0.5).
+COMPACT6_PRIORS = PriorSpec(
+    image_size=128,
+    feature_map_sizes=(32, 16, 8, 4, 2, 1),
+    steps=(4, 8, 16, 32, 64, 128),
+    min_sizes=tuple(s * 128 for s in (0.04, 0.08) + _COMPACT_SCALES[1:-1]),
+    max_sizes=tuple(s * 128 for s in (0.08,) + _COMPACT_SCALES[1:]),
+    aspect_ratios=((),) + COMPACT_PRIORS.aspect_ratios,
+)

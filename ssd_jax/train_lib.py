@@ -144,7 +144,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
     """
     model = models.build_model(config.model.name, num_classes, DTYPES[config.dtype],
                                **_model_options(config))
-    return model.clone(bn_axis_name=axis_name)
+    return model.with_bn_axis_name(axis_name)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

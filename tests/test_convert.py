@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ssd_jax import box_ops, convert, models
+from ssd_jax.backbones import vgg16
 from ssd_jax.priors import SSD300_TORCHVISION, generate_priors
 
 torch = pytest.importorskip("torch")
@@ -88,7 +89,7 @@ def test_vgg16_conv4_3_matches_torchvision(tv_vgg):
         features[16].ceil_mode = False
     ref = ref.permute(0, 2, 3, 1).numpy()
     assert ref.shape == (1, 6, 6, 512)  # 44 -> 22 -> 11 -> ceil 6 (floor would be 5)
-    conv4_3, fc7 = models.VGG16Backbone().apply(
+    conv4_3, fc7 = vgg16.VGG16().apply(
         {"params": variables["params"]["backbone"]}, jnp.asarray(x))
     assert conv4_3.shape == ref.shape and fc7.shape == (1, 3, 3, 1024)
     assert _rel_err(conv4_3, ref) <= 1e-4

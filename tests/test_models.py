@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from ssd_jax import models
+from ssd_jax.backbones import CompactSSDBackbone, VGG16SSDBackbone, vgg16
+from ssd_jax.backbones.compact import CompactNet
 from ssd_jax.priors import SSD300_TORCHVISION, SSD300_VOC, SSD512_VOC, generate_priors
 
 
@@ -75,7 +77,10 @@ def test_compact_shapes_priors_and_batch_norm(compact):
 def test_compact_synced_batch_norm_equals_global_batch(compact):
     # Two shards of one image with BN stats averaged over "data" == one batch of two images.
     model, variables, images = compact
-    synced = model.clone(bn_axis_name="data")
+    synced = model.with_bn_axis_name("data")
+    assert synced.backbone.axis_name == "data" and model.backbone.axis_name is None
+    vgg = models.ssd300_vgg16(21)
+    assert vgg.with_bn_axis_name("data") is vgg  # no BatchNorm
 
     def train_apply(m, x):
         return m.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -136,26 +141,38 @@ def test_bfloat16_compute_gives_float32_outputs(compact):
 
 
 def test_spec_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"compact' network's source maps \(75, 38, 19, 10, 5, 3\)"):
-        models.SSD(num_classes=3, prior_spec=SSD300_VOC, arch="compact")
+    with pytest.raises(ValueError, match=r"CompactSSDBackbone network's source maps "
+                                         r"\(75, 38, 19, 10, 5, 3\)"):
+        models.compact_ssd(3, prior_spec=SSD300_VOC)
     wrong_size = dataclasses.replace(models.COMPACT_PRIORS, image_size=160)
     with pytest.raises(ValueError, match=r"\(16, 8, 4, 2, 1\).*\(20, 10, 5, 3, 2\)"):
-        models.SSD(num_classes=3, prior_spec=wrong_size, arch="compact")
-    with pytest.raises(ValueError, match="7 feature maps.*6 source maps"):
+        models.compact_ssd(3, prior_spec=wrong_size)
+    with pytest.raises(ValueError, match="7 feature maps.*VGG16SSDBackbone network has 6 source maps"):
         models.ssd300_vgg16(21, prior_spec=SSD512_VOC)
+    # An SSD built directly (not by a builder) is checked when it runs.
+    direct = models.SSD(backbone=CompactSSDBackbone(num_maps=5), prior_spec=models.COMPACT6_PRIORS,
+                        num_classes=3)
+    with pytest.raises(ValueError, match="6 feature maps.*CompactSSDBackbone network has 5 source"):
+        models.init_variables(direct, jax.random.key(0))
+    direct = models.SSD(backbone=CompactSSDBackbone(num_maps=5), prior_spec=wrong_size, num_classes=3)
+    with pytest.raises(ValueError, match=r"source map 0 is 20x20 but prior_spec.feature_map_sizes\[0\]"):
+        jax.eval_shape(lambda: direct.init(jax.random.key(0), jnp.zeros((1, 160, 160, 3))))
     model = models.compact_ssd(3)
     with pytest.raises(ValueError, match="96x96 but prior_spec.image_size is 128"):
         model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
 
 
 def test_build_model():
-    assert models.build_model("ssd300_vgg16", 21, jnp.float32).arch == "vgg16"
-    assert models.build_model("ssd512_vgg16", 21, jnp.bfloat16).dtype == jnp.bfloat16
-    assert models.build_model("compact", 6, jnp.float32).arch == "compact"
+    ssd300 = models.build_model("ssd300_vgg16", 21, jnp.float32)
+    assert isinstance(ssd300.backbone, VGG16SSDBackbone) and not ssd300.backbone.highres
+    ssd512 = models.build_model("ssd512_vgg16", 21, jnp.bfloat16)
+    assert ssd512.dtype == ssd512.backbone.dtype == jnp.bfloat16 and ssd512.backbone.highres
+    assert isinstance(models.build_model("compact", 6, jnp.float32).backbone, CompactSSDBackbone)
     with pytest.raises(ValueError, match="ssd300_vgg16, ssd512_vgg16, compact"):
         models.build_model("ssd300", 21, jnp.float32)
     wide = models.build_model("compact", 6, width_mult=1.5, num_maps=6, top_down=True)
-    assert (wide.width_mult, wide.top_down, wide.prior_spec) == (1.5, True, models.COMPACT6_PRIORS)
+    assert (wide.backbone.width_mult, wide.backbone.top_down, wide.backbone.num_maps,
+            wide.prior_spec) == (1.5, True, 6, models.COMPACT6_PRIORS)
     with pytest.raises(ValueError, match="no option width_mult"):
         models.build_model("ssd300_vgg16", 21, width_mult=2.0)
     with pytest.raises(ValueError, match="num_maps must be 5 or 6"):
@@ -179,14 +196,14 @@ def test_compact_variants(num_maps, top_down):
         # changing its last conv changes the outputs of the first map's priors.
         n0 = spec.feature_map_sizes[0] ** 2 * spec.boxes_per_location[0]
         params = jax.tree_util.tree_map(lambda x: x, variables["params"])
-        last = f"stage{len(models.CompactBackbone.widths)}_conv"
+        last = f"stage{len(CompactNet.widths)}_conv"
         params["backbone"][last]["conv"]["kernel"] = 2.0 * params["backbone"][last]["conv"]["kernel"]
         cls2, _ = jax.jit(model.apply)({**variables, "params": params}, images)
         assert not np.allclose(cls2[:, :n0], cls[:, :n0], atol=1e-4)
 
 
 def test_extras_and_heads_init_xavier_uniform_zero_bias():
-    extras = models.VGGExtras()
+    extras = vgg16.VGGExtras()
     params = extras.init(jax.random.key(0), jnp.zeros((1, 19, 19, 1024)))["params"]
     k = np.asarray(params["conv8_2"]["kernel"])  # [3,3,256,512]
     limit = math.sqrt(6.0 / (9 * 256 + 9 * 512))
@@ -212,7 +229,7 @@ def test_l2norm_matches_torchvision():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 5, 16)).astype(np.float32)
     x[0, 0, 0] = 0.0  # zero vector: eps path
-    layer = models.L2Norm()
+    layer = vgg16.L2Norm()
     params = layer.init(jax.random.key(0), x)
     assert np.all(np.asarray(params["params"]["scale"]) == 20.0)
     ours = np.asarray(layer.apply(params, x))
@@ -225,15 +242,38 @@ def test_l2norm_matches_torchvision():
 def test_pool3_ceil_mode_matches_torch(size):
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(size).normal(size=(1, size, size, 4)).astype(np.float32)
-    ours = np.asarray(models._max_pool_ceil(jnp.asarray(x), 2, 2))
+    ours = np.asarray(vgg16.max_pool_ceil(jnp.asarray(x), 2, 2))
     ref = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2, 2,
                                          ceil_mode=True).permute(0, 2, 3, 1).numpy()
     assert ours.shape == ref.shape
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_expected_feature_map_sizes():
-    assert models.expected_feature_map_sizes("vgg16", 300) == SSD300_VOC.feature_map_sizes
-    assert models.expected_feature_map_sizes("vgg16_512", 512) == SSD512_VOC.feature_map_sizes
-    assert models.expected_feature_map_sizes("compact", 128) == (16, 8, 4, 2, 1)
-    assert models.expected_feature_map_sizes("compact", 128, 6) == (32, 16, 8, 4, 2, 1)
+def test_source_map_sizes_by_shape_evaluation():
+    assert models.source_map_sizes(VGG16SSDBackbone(), 300) == SSD300_VOC.feature_map_sizes
+    assert models.source_map_sizes(VGG16SSDBackbone(highres=True), 512) == SSD512_VOC.feature_map_sizes
+    assert models.source_map_sizes(CompactSSDBackbone(num_maps=5), 128) == (16, 8, 4, 2, 1)
+    assert models.source_map_sizes(CompactSSDBackbone(), 128) == (32, 16, 8, 4, 2, 1)
+    assert models.source_map_sizes(VGG16SSDBackbone(), 44)[:2] == (6, 3)  # pool3 in ceil mode
+
+
+def _load_param_paths_fixture():
+    import importlib.util
+    import json
+    import pathlib
+
+    data = pathlib.Path(__file__).with_name("data")
+    spec = importlib.util.spec_from_file_location("make_param_paths", data / "make_param_paths.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, json.loads((data / "param_paths.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["ssd300_vgg16", "ssd512_vgg16", "compact_6", "compact_5",
+                                  "compact_6_top_down", "compact_5_top_down", "compact_6_half",
+                                  "compact_5_top_down_half"])
+def test_variable_paths_and_shapes_are_pinned(case):
+    # Checkpoints store the variables tree: its paths and shapes must not change with a refactor
+    # (tests/data/param_paths.json was written by tests/data/make_param_paths.py).
+    module, pinned = _load_param_paths_fixture()
+    assert module.param_paths(case) == pinned[case]

@@ -84,7 +84,7 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict) -> tuple[fl
     size = model.prior_spec.image_size
     images, boxes, labels = _synthetic(batch, size)
 
-    plain = model.clone(bn_axis_name=None)  # the forward runs outside shard_map
+    plain = model.with_bn_axis_name(None)  # the forward runs outside shard_map
     variables = models.init_variables(plain, jax.random.key(0))
     fwd = jax.jit(lambda v, x: plain.apply(v, x))
     dev_images = jax.device_put(images)

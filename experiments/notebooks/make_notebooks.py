@@ -262,7 +262,8 @@ def inference() -> nbformat.NotebookNode:
              "    predictor = inference.load_predictor(torchvision_checkpoint=pth)\n"
              "    predictor.variables = convert.load_checkpoint(ckpt)\n"
              "model = predictor.model\n"
-             "print(f\"{model.arch} at {predictor.image_size} px, {model.num_classes} classes, \"\n"
+             "print(f\"{type(model.backbone).__name__} at {predictor.image_size} px, \"\n"
+             "      f\"{model.num_classes} classes, \"\n"
              "      f\"{model.prior_spec.num_priors} priors; detect: {predictor.detect_kwargs}\")"),
         md("## Images"),
         code("from PIL import Image\n\n"

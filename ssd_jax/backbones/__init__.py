@@ -1,0 +1,17 @@
+"""SSD backbones: linen modules mapping images to the source feature maps of the heads.
+
+A backbone is called as `backbone(x, train)` with normalized float images x [B,H,W,3] (the SSD
+module subtracts the mean and divides by the std first) and returns the source maps, largest
+first: a list of [B,H_k,W_k,C_k]. `train` switches BatchNorm to batch statistics (backbones
+without BatchNorm ignore it). A backbone with BatchNorm has an `axis_name` attribute: the named
+axis over which train-mode batch statistics are averaged (synchronized BN), None for local.
+
+The SSD module shares its variable scope with its backbone (`nn.share_scope`), so a backbone's
+submodules sit at the top of the SSD variables next to the heads ("cls_head_k", "box_head_k"),
+and the checkpoints of the models from before backbones were modules keep their paths.
+"""
+
+from ssd_jax.backbones.compact import CompactSSDBackbone
+from ssd_jax.backbones.vgg16 import VGG16SSDBackbone
+
+__all__ = ["CompactSSDBackbone", "VGG16SSDBackbone"]

@@ -101,7 +101,7 @@ def test_colab_tpu_notebook_smoke(tmp_path):
 def test_inference_notebook_smoke(tmp_path):
     nb = execute("ssd_inference.ipynb", {"SMOKE": True, "OUT_DIR": str(tmp_path / "out")})
     text = _text_outputs(nb)
-    assert "vgg16 at 300 px, 91 classes, 8732 priors" in text
+    assert "VGG16SSDBackbone at 300 px, 91 classes, 8732 priors" in text
     assert "matched priors" in text and "d loss / d logits" in text
     assert len([f for f in os.listdir(tmp_path / "out") if f.endswith(".png")]) == 3
     assert os.path.exists(tmp_path / "out" / "detections.json")

@@ -181,16 +181,8 @@ def apply_override(config: Any, dotted: str, text: str) -> None:
         raise ConfigError(f"--config.{dotted}: config.{dotted} is a group of fields; set one of "
                           f"them, e.g. --config.{dotted}.{next(iter(current.keys()), 'x')}=...")
     value = parse_value(text, current, dotted)
-    with config.unlocked() if hasattr(config, "unlocked") else _nothing():
+    with config.unlocked():
         node[parts[-1]] = value
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], str | None, list[tuple[str, str]]]:

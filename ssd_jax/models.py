@@ -42,15 +42,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.backbones import CompactSSDBackbone, VGG16SSDBackbone
-from ssd_jax.priors import COMPACT6_PRIORS, COMPACT_PRIORS, SSD300_VOC, SSD512_VOC, PriorSpec
+from ssd_jax.backbones import CompactSSDBackbone, MobileNetV3SSDLiteBackbone, VGG16SSDBackbone
+from ssd_jax.heads import SSDHead, SSDLiteHead
+from ssd_jax.priors import (
+    COMPACT6_PRIORS,
+    COMPACT_PRIORS,
+    SSD300_VOC,
+    SSD512_VOC,
+    SSDLITE320,
+    PriorSpec,
+)
 
 Dtype = Any
 RGB = tuple[float, float, float]
 
-__all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "MODELS", "SSD", "TORCHVISION_MEAN",
-           "build_model", "check_prior_spec", "compact_ssd", "flops_per_image", "init_variables",
-           "source_map_sizes", "ssd300_vgg16", "ssd512_vgg16"]
+__all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "HALF_RANGE", "MODELS", "SSD",
+           "TORCHVISION_MEAN", "build_model", "check_prior_spec", "compact_ssd", "flops_per_image",
+           "init_variables", "source_map_sizes", "ssd300_vgg16", "ssd512_vgg16",
+           "ssdlite320_mobilenet_v3"]
 
 #: Caffe's SSD mean (RGB) in [0, 255] pixel units.
 CAFFE_MEAN = (123.0, 117.0, 104.0)
@@ -59,10 +68,6 @@ TORCHVISION_MEAN = (0.48235 * 255.0, 0.45882 * 255.0, 0.40784 * 255.0)
 #: Unit std: Caffe's and torchvision's SSD300 divide [0,255] pixels by nothing (torchvision's
 #: image_std 1/255 on [0,1] inputs is the same).
 UNIT_STD = (1.0, 1.0, 1.0)
-
-xavier_uniform = nn.initializers.xavier_uniform()
-zeros = nn.initializers.zeros
-
 
 @functools.lru_cache(maxsize=64)
 def source_map_sizes(backbone: nn.Module, image_size: int) -> tuple[int, ...]:
@@ -92,52 +97,49 @@ def check_prior_spec(backbone: nn.Module, prior_spec: PriorSpec) -> None:
                          f"network's source maps {got} at image_size {size}")
 
 
-class HeadParams(nn.Module):
-    """The parameters of one 3x3 prediction head on a source map, laid out as `nn.Conv`'s
-    ("kernel" [3,3,C_in,N] Xavier-uniform, "bias" [N] zeros); `SSD` applies the class and box
-    heads of a map as one convolution."""
-
-    features: int
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, src: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        kernel = self.param("kernel", xavier_uniform, (3, 3, src.shape[-1], self.features),
-                            self.param_dtype)
-        bias = self.param("bias", zeros, (self.features,), self.param_dtype)
-        return kernel, bias
-
-
 class SSD(nn.Module):
-    """SSD: backbone (normalized images -> source maps) + per-map 3x3 class and box heads.
+    """SSD: backbone (normalized images -> source maps) + per-map class and box heads.
 
     Attributes:
       backbone: a linen module, `backbone(x [B,S,S,3], train) -> [source maps [B,f_k,f_k,C_k]]`
         (ssd_jax.backbones); its variables share the SSD's scope.
       prior_spec: the priors; its map sizes and boxes per location must match the network.
       num_classes: C, counting the background class 0.
+      head: `head(sources, num_classes, boxes_per_location, train) -> (cls, box)` (ssd_jax.heads);
+        None: the paper's 3x3 conv heads (`SSDHead`). Its variables share the SSD's scope too.
       dtype: compute dtype of the heads (and of the images fed to the backbone, whose own dtype
         the builders set alike); params stay `param_dtype` (float32) and the outputs float32.
       image_mean, image_std: RGB in [0,255] units; the model feeds (images - mean) / std to the
-        backbone (Caffe's mean for VGG16 and compact; TORCHVISION_MEAN for converted weights).
+        backbone (Caffe's mean for VGG16 and compact; TORCHVISION_MEAN for converted weights;
+        127.5 and 127.5, i.e. [-1, 1], for MobileNetV3).
+      freeze_bn: BatchNorm layers (backbone and head) always normalize with their running
+        statistics and never update them, also with train=True (their scale and bias still
+        train); for fine-tuning with small per-device batches.
     """
 
     backbone: nn.Module
     prior_spec: PriorSpec
     num_classes: int
+    head: nn.Module | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     image_mean: RGB = CAFFE_MEAN
     image_std: RGB = UNIT_STD
+    freeze_bn: bool = False
 
     # The backbone shares the SSD's scope, where the name "backbone" is taken by a submodule of the
     # backbone (VGG16's conv1_1..fc7, the compact network), so the backbone module itself is
-    # attached under another name, kept by adoption (`preserve_adopted_names`).
+    # attached under another name, kept by adoption (`preserve_adopted_names`); so is the head.
     preserve_adopted_names = True
 
     def __post_init__(self):
         if self.backbone.name is None:
             object.__setattr__(self, "backbone", self.backbone.clone(name="source_maps"))
+        if self.head is None:
+            object.__setattr__(self, "head", SSDHead(dtype=self.dtype, param_dtype=self.param_dtype,
+                                                     name="heads"))
+        elif self.head.name is None:
+            object.__setattr__(self, "head", self.head.clone(name="heads"))
         super().__post_init__()
         if self.num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, "
@@ -145,6 +147,7 @@ class SSD(nn.Module):
 
     def setup(self):
         nn.share_scope(self, self.backbone)
+        nn.share_scope(self, self.head)
 
     @property
     def image_size(self) -> int:
@@ -156,11 +159,14 @@ class SSD(nn.Module):
         return self.prior_spec.num_priors
 
     def with_bn_axis_name(self, axis_name: str | None) -> SSD:
-        """This model with its backbone's BatchNorm averaging train-mode batch statistics over
-        the named axis `axis_name` (None: local); unchanged if the backbone has no BatchNorm."""
-        if "axis_name" not in {f.name for f in dataclasses.fields(self.backbone)}:
-            return self
-        return self.clone(backbone=self.backbone.clone(axis_name=axis_name))
+        """This model with the BatchNorm of its backbone and head averaging train-mode batch
+        statistics over the named axis `axis_name` (None: local); unchanged without BatchNorm."""
+        changes = {}
+        for part in ("backbone", "head"):
+            module = getattr(self, part)
+            if "axis_name" in {f.name for f in dataclasses.fields(module)}:
+                changes[part] = module.clone(axis_name=axis_name)
+        return self.clone(**changes) if changes else self
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False
@@ -178,36 +184,21 @@ class SSD(nn.Module):
                              f"prior_spec.image_size is {size}")
         x = images.astype(jnp.float32) - jnp.asarray(self.image_mean, jnp.float32)
         x = x / jnp.asarray(self.image_std, jnp.float32)  # exact for the unit std
-        sources = self.backbone(x.astype(self.dtype), train)
+        bn_train = train and not self.freeze_bn
+        sources = self.backbone(x.astype(self.dtype), bn_train)
 
         spec = tuple(self.prior_spec.feature_map_sizes)
         if len(sources) != len(spec):
             raise ValueError(f"prior_spec has {len(spec)} feature maps but the "
                              f"{type(self.backbone).__name__} network has {len(sources)} "
                              f"source maps")
-        bpl = self.prior_spec.boxes_per_location
-        cls_out, box_out = [], []
-        for k, (src, a, f) in enumerate(zip(sources, bpl, spec, strict=True)):
+        for k, (src, f) in enumerate(zip(sources, spec, strict=True)):
             if src.shape[1:3] != (f, f):
                 raise ValueError(f"source map {k} is {src.shape[1]}x{src.shape[2]} but "
                                  f"prior_spec.feature_map_sizes[{k}] is {f}")
-            # The class and box heads are two 3x3 convs (parameters "cls_head_k" and "box_head_k",
-            # as in the paper and torchvision) computed as one conv of the concatenated kernels.
-            n_cls = a * self.num_classes
-            kc, bc = HeadParams(n_cls, param_dtype=self.param_dtype, name=f"cls_head_{k}")(src)
-            kb, bb = HeadParams(a * 4, param_dtype=self.param_dtype, name=f"box_head_{k}")(src)
-            kernel = jnp.concatenate([kc, kb], axis=-1).astype(self.dtype)
-            y = jax.lax.conv_general_dilated(src.astype(self.dtype), kernel, (1, 1),
-                                             ((1, 1), (1, 1)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            y = y + jnp.concatenate([bc, bb]).astype(self.dtype)
-            c, b = y[..., :n_cls], y[..., n_cls:]
-            batch = src.shape[0]
-            cls_out.append(c.reshape(batch, -1, self.num_classes))
-            box_out.append(b.reshape(batch, -1, 4))
-        cls_logits = jnp.concatenate(cls_out, axis=1).astype(jnp.float32)
-        box_preds = jnp.concatenate(box_out, axis=1).astype(jnp.float32)
-        return cls_logits, box_preds
+        cls_logits, box_preds = self.head(sources, self.num_classes,
+                                          self.prior_spec.boxes_per_location, bn_train)
+        return cls_logits.astype(jnp.float32), box_preds.astype(jnp.float32)
 
 
 def _checked(model: SSD) -> SSD:
@@ -231,7 +222,7 @@ def ssd512_vgg16(num_classes: int, prior_spec: PriorSpec = SSD512_VOC,
 
 def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
                 prior_spec: PriorSpec | None = None, width_mult: float = 1.0,
-                top_down: bool = False, num_maps: int = 6) -> SSD:
+                top_down: bool = False, num_maps: int = 6, freeze_bn: bool = False) -> SSD:
     """The compact conv+BN SSD at 128 px for CPU training from scratch.
 
     num_maps 6 (COMPACT6_PRIORS, strides 4..128, 3572 priors) or 5 (COMPACT_PRIORS, strides
@@ -245,10 +236,25 @@ def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
     backbone = CompactSSDBackbone(width_mult=width_mult, top_down=top_down,
                                   num_maps=len(prior_spec.feature_map_sizes), dtype=dtype)
     return _checked(SSD(backbone=backbone, prior_spec=prior_spec, num_classes=num_classes,
-                        dtype=dtype))
+                        dtype=dtype, freeze_bn=freeze_bn))
 
 
-MODELS = {"ssd300_vgg16": ssd300_vgg16, "ssd512_vgg16": ssd512_vgg16, "compact": compact_ssd}
+#: MobileNetV3's input normalization: [0, 255] -> [-1, 1] (torchvision's mean = std = 0.5 on [0, 1]).
+HALF_RANGE = (127.5, 127.5, 127.5)
+
+
+def ssdlite320_mobilenet_v3(num_classes: int, dtype: Dtype = jnp.float32,
+                            freeze_bn: bool = False, reduced_tail: bool = True) -> SSD:
+    """torchvision's ssdlite320_mobilenet_v3_large: MobileNetV3-Large (reduced tail) + SSDLite
+    extras and heads, SSDLITE320 priors (3234 at 320 px), inputs scaled to [-1, 1]."""
+    return _checked(SSD(backbone=MobileNetV3SSDLiteBackbone(reduced_tail=reduced_tail, dtype=dtype),
+                        prior_spec=SSDLITE320, num_classes=num_classes,
+                        head=SSDLiteHead(dtype=dtype), dtype=dtype, image_mean=HALF_RANGE,
+                        image_std=HALF_RANGE, freeze_bn=freeze_bn))
+
+
+MODELS = {"ssd300_vgg16": ssd300_vgg16, "ssd512_vgg16": ssd512_vgg16, "compact": compact_ssd,
+          "ssdlite320_mobilenet_v3": ssdlite320_mobilenet_v3}
 
 
 def build_model(name: str, num_classes: int, dtype: Dtype = jnp.float32, **options: Any) -> SSD:

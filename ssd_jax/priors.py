@@ -151,6 +151,25 @@ SSD300_TORCHVISION = PriorSpec(
     clip="wh",
 )
 
+_LITE_SCALES = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0)
+
+#: torchvision's ssdlite320_mobilenet_v3_large: DefaultBoxGenerator([[2, 3]] * 6, min_ratio=0.2,
+#: max_ratio=0.95) at 320 px: scales 0.2..0.95 in 6 steps (and 1.0 for the last s'_k), centres
+#: (j + 0.5) / f_k (steps=None: 320 / f_k px), w and h clamped to [0, 1]; 3234 priors.
+SSDLITE320 = PriorSpec(
+    image_size=320,
+    feature_map_sizes=(20, 10, 5, 3, 2, 1),
+    steps=tuple(320 / f for f in (20, 10, 5, 3, 2, 1)),
+    min_sizes=tuple(s * 320 for s in _LITE_SCALES[:-1]),
+    max_sizes=tuple(s * 320 for s in _LITE_SCALES[1:]),
+    aspect_ratios=((2.0, 3.0),) * 6,
+    clip="wh",
+)
+
+#: NVIDIA DeepLearningExamples' SSD300 (ResNet-50): the COCO scales 21, 45, 99, 153, 207, 261, 315
+#: px with w and h clamped to [0, 1]: the same boxes as torchvision's SSD300 (8732 priors).
+SSD300_RESNET50 = SSD300_TORCHVISION
+
 _COMPACT_SCALES = (0.06, 0.16, 0.34, 0.52, 0.70, 0.88)
 
 #: Priors of the compact model: 128 px, 5 maps (strides 8..128); the smallest prior side is 6% of

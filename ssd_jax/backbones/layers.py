@@ -1,0 +1,95 @@
+"""Building blocks shared by the BatchNorm backbones and heads (torchvision's
+`Conv2dNormActivation` and `SqueezeExcitation`), in linen, NHWC.
+
+Padding is symmetric, (kernel - 1) // 2 * dilation on each side, as torch's: XLA's "SAME" pads
+a stride-2 conv on an even input only at the bottom/right, which would shift every map by half a
+pixel against converted torchvision weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+#: torchvision's default conv init for MobileNetV3 and ResNet (kaiming normal, fan_out).
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+    "hardswish": nn.hard_swish,  # x * relu6(x + 3) / 6, torch's Hardswish
+}
+
+
+def batch_norm(epsilon: float, momentum: float, axis_name: str | None, train: bool,
+               dtype: Dtype, param_dtype: Dtype, name: str = "bn") -> nn.BatchNorm:
+    """BatchNorm over N, H, W: running statistics unless `train`; in train mode the batch
+    statistics are averaged over `axis_name` (synchronized BN) when given.
+
+    `momentum` is flax's (the running average keeps `momentum` of the old value): torch's 0.1 is
+    0.9 here, 0.03 is 0.97. use_fast_variance=False: var = E[(x - mean)^2] (E[x^2] - E[x]^2
+    cancels on large activations and made 8-device and 1-device steps differ by up to 1%).
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                        use_fast_variance=False, axis_name=axis_name if train else None,
+                        dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ConvBNAct(nn.Module):
+    """Conv (no bias) + BatchNorm + activation ("conv", "bn"): [B,H,W,C] -> [B,H',W',features].
+
+    Attributes:
+      features, kernel, stride, groups, dilation: the conv (groups = C for depthwise).
+      activation: "relu", "relu6", "hardswish" or None (linear, e.g. MobileNet's projections).
+      bn_epsilon, bn_momentum: BatchNorm's (flax momentum convention, see `batch_norm`).
+    """
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    groups: int = 1
+    dilation: int = 1
+    activation: str | None = "relu"
+    bn_epsilon: float = 1e-5
+    bn_momentum: float = 0.9
+    kernel_init: Initializer = kaiming_fan_out
+    axis_name: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        p = (self.kernel - 1) // 2 * self.dilation
+        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride,) * 2,
+                    padding=((p, p), (p, p)), kernel_dilation=(self.dilation,) * 2,
+                    feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                    param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="conv")(x)
+        x = batch_norm(self.bn_epsilon, self.bn_momentum, self.axis_name, train, self.dtype,
+                       self.param_dtype)(x)
+        return x if self.activation is None else ACTIVATIONS[self.activation](x)
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation (Hu et al.; MobileNetV3's variant, torchvision's
+    `SqueezeExcitation` with a hard sigmoid): x * hardsigmoid(fc2(relu(fc1(mean_hw(x))))), fc1
+    and fc2 1x1 convs with bias ("fc1" to `squeeze` channels, "fc2" back)."""
+
+    squeeze: int
+    kernel_init: Initializer = kaiming_fan_out
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+        s = nn.relu(nn.Conv(self.squeeze, (1, 1), name="fc1", **kw)(s))
+        s = nn.Conv(x.shape[-1], (1, 1), name="fc2", **kw)(s)
+        return x * nn.hard_sigmoid(s)

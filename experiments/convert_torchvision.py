@@ -2,11 +2,16 @@ r"""Convert torchvision weights to an ssd_jax orbax checkpoint.
 
     python -m experiments.convert_torchvision --kind=ssd300 --input=ssd300_vgg16_coco-b556d3b4.pth \
         --output=/tmp/ssd300_tv
+    python -m experiments.convert_torchvision --input=ssdlite320_mobilenet_v3_large_coco-a79551df.pth \
+        --output=/tmp/ssdlite_tv
     python -m experiments.convert_torchvision --kind=vgg16 --input=vgg16-397923af.pth \
         --output=/tmp/vgg16_backbone [--nofc]
 
 --kind=ssd300: a torchvision ssd300_vgg16 state dict -> the full variables of
   `ssd300_vgg16(num_classes, SSD300_TORCHVISION, image_mean=TORCHVISION_MEAN)`.
+--kind=ssdlite320: a torchvision ssdlite320_mobilenet_v3_large state dict -> the full variables
+  (params and BatchNorm statistics) of `ssdlite320_mobilenet_v3(num_classes)`.
+Without --kind, a detector state dict (ssd300 or ssdlite320) is recognized from its keys.
 --kind=vgg16: torchvision ImageNet vgg16 weights -> {"params": {"backbone": ...}} with reduced
   fc6/fc7 (or without them, --nofc, for features-only weights); use as `config.init_checkpoint`,
   merged into freshly initialized variables with `ssd_jax.convert.merge_params`.
@@ -28,7 +33,9 @@ from ssd_jax import cli
 from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-KINDS = ("ssd300", "vgg16")
+KINDS = ("ssd300", "ssdlite320", "vgg16")
+#: --kind of each torchvision detector (ssd_jax.convert.TORCHVISION_DETECTORS).
+DETECTOR_KINDS = {"ssd300_vgg16": "ssd300", "ssdlite320_mobilenet_v3": "ssdlite320"}
 #: Files of the checkpoint folder that orbax's StandardCheckpointer writes: a folder holding one of
 #: them may be replaced by --output, any other non-empty folder is refused (save removes it).
 CHECKPOINT_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
@@ -38,9 +45,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, on `fv`."""
     if "kind" in fv:
         return
-    flags.DEFINE_enum("kind", None, KINDS, "ssd300: a torchvision ssd300_vgg16 state dict; vgg16: "
-                      "torchvision ImageNet vgg16 weights (the backbone only). Required.",
-                      flag_values=fv)
+    flags.DEFINE_enum("kind", None, KINDS, "ssd300: a torchvision ssd300_vgg16 state dict; "
+                      "ssdlite320: ssdlite320_mobilenet_v3_large; vgg16: torchvision ImageNet "
+                      "vgg16 weights (the backbone only). Default: the detector recognized from "
+                      "the state dict's keys.", flag_values=fv)
     flags.DEFINE_string("input", None, "The .pth/.pt or .safetensors state dict. Required.",
                         flag_values=fv)
     flags.DEFINE_string("output", None, "The checkpoint folder to write (an existing checkpoint "
@@ -49,11 +57,11 @@ def define_flags(fv: flags.FlagValues) -> None:
                          "valid classifier).", flag_values=fv)
 
 
-def convert_file(kind: str, input_path: str, output: str, fc: bool = True) -> str:
-    """Convert the state dict at `input_path` (`kind` ssd300 or vgg16) and save it as an orbax
-    checkpoint at `output`; returns the checkpoint's absolute path. Mistakes (a missing or
-    unreadable input, an input of the other kind, an output that is a file) raise UserError or
-    FileNotFoundError."""
+def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True) -> str:
+    """Convert the state dict at `input_path` (`kind` one of KINDS; None: the detector its keys
+    show) and save it as an orbax checkpoint at `output`; returns the checkpoint's absolute path.
+    Mistakes (a missing or unreadable input, an input of another kind, an output that is a file)
+    raise UserError or FileNotFoundError."""
     import jax
     import numpy as np
 
@@ -67,9 +75,22 @@ def convert_file(kind: str, input_path: str, output: str, fc: bool = True) -> st
         raise UserError(f"--input={input_path}: no such file") from e
     except convert.StateDictError as e:
         raise UserError(f"--input={input_path}: {e}") from e
+    detector = convert.torchvision_detector_name(state_dict)
+    if kind is None:
+        if detector is None:
+            backbones = ", ".join(k for k in KINDS if k not in DETECTOR_KINDS.values())
+            raise UserError(f"--input={input_path} is not a torchvision ssd300_vgg16 or "
+                            f"ssdlite320_mobilenet_v3_large state dict; for backbone weights "
+                            f"give --kind ({backbones})")
+        kind = DETECTOR_KINDS[detector]
+    elif kind in DETECTOR_KINDS.values() and detector and DETECTOR_KINDS[detector] != kind:
+        raise UserError(f"--input={input_path} is a torchvision {detector} state dict, not "
+                        f"--kind={kind}; use --kind={DETECTOR_KINDS[detector]} (or leave --kind out)")
     try:
         if kind == "ssd300":
             model, variables = convert.from_torchvision_ssd(state_dict)
+        elif kind == "ssdlite320":
+            model, variables = convert.from_torchvision_ssdlite(state_dict)
         else:
             variables = convert.vgg16_backbone_from_torchvision(state_dict, include_fc=fc)
     except convert.StateDictError as e:
@@ -79,6 +100,9 @@ def convert_file(kind: str, input_path: str, output: str, fc: bool = True) -> st
     if kind == "ssd300":
         print(f"ssd300_vgg16: num_classes={model.num_classes}, priors=SSD300_TORCHVISION "
               f"({model.prior_spec.num_priors}), image_mean={model.image_mean}")
+    elif kind == "ssdlite320":
+        print(f"ssdlite320_mobilenet_v3: num_classes={model.num_classes}, priors=SSDLITE320 "
+              f"({model.prior_spec.num_priors}), config.model.name=ssdlite320_mobilenet_v3")
     else:
         layers = sorted(variables["params"]["backbone"])
         print(f"vgg16 backbone: {len(layers)} layers ({', '.join(layers)})")
@@ -104,7 +128,7 @@ def _check_output(output: str) -> None:
 
 
 def _convert_flags(fv: flags.FlagValues) -> str:
-    missing = [f"--{name}" for name in ("kind", "input", "output") if fv[name].value is None]
+    missing = [f"--{name}" for name in ("input", "output") if fv[name].value is None]
     if missing:
         raise UserError(f"{', '.join(missing)} required (--help lists the flags)")
     return convert_file(fv.kind, fv.input, fv.output, fc=fv.fc)

@@ -4,6 +4,8 @@
     python -m experiments.predict --workdir=RUN_DIR --images=val/ --out=OUT --annotations=val.json
     python -m experiments.predict --torchvision_checkpoint=ssd300_vgg16_coco-b556d3b4.pth
         --images=photos/ --out=OUT_DIR --min_score=0.4
+    python -m experiments.predict --torchvision_checkpoint=ssdlite320_mobilenet_v3_large_coco-a79551df.pth
+        --images=photos/ --out=OUT_DIR
 
 Written to --out: <name>.png per image (detections scoring >= --min_score), detections.json (COCO
 results in the training data's category ids; image ids from --annotations when given), and
@@ -29,8 +31,9 @@ def define_flags() -> None:
     process never clashes on names like --workdir)."""
     flags.DEFINE_string("workdir", None, "Training workdir (run_info.json + checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-    flags.DEFINE_string("torchvision_checkpoint", None, "A torchvision ssd300_vgg16 state dict "
-                        "(.pth/.pt/.safetensors), converted on the fly (instead of --workdir).")
+    flags.DEFINE_string("torchvision_checkpoint", None, "A torchvision ssd300_vgg16 or "
+                        "ssdlite320_mobilenet_v3_large state dict (.pth/.pt/.safetensors; "
+                        "recognized from its keys), converted on the fly (instead of --workdir).")
     flags.DEFINE_multi_string("images", None, "Image files and/or folders; comma separated or repeated.")
     flags.DEFINE_string("out", None, "Output folder for the PNGs and detections.json.")
     flags.DEFINE_string("annotations", None, "A COCO-JSON file listing the images: detections.json "

@@ -1,6 +1,8 @@
 """torchvision weights -> ssd_jax variables, and orbax checkpoints of variables.
 
   from_torchvision_ssd(sd)            torchvision ssd300_vgg16 state dict -> (SSD, variables)
+  from_torchvision_ssdlite(sd)        torchvision ssdlite320_mobilenet_v3_large -> (SSD, variables)
+  from_torchvision_detector(sd)       either of the two, recognized from the keys
   vgg16_backbone_from_torchvision(sd) torchvision vgg16 state dict -> {"params": {"backbone": ...}}
   save_checkpoint / load_checkpoint   orbax, atomic
   merge_params(initialized, loaded)   override the leaves present in `loaded` (e.g. a backbone)
@@ -24,7 +26,7 @@ import ml_dtypes  # noqa: F401  (a jax dependency; registers bfloat16 with numpy
 import numpy as np
 
 from ssd_jax import models
-from ssd_jax.priors import SSD300_TORCHVISION
+from ssd_jax.priors import SSD300_TORCHVISION, SSDLITE320
 
 StateDict = Mapping[str, Any]
 Variables = dict[str, Any]
@@ -124,6 +126,154 @@ def from_torchvision_ssd(state_dict: StateDict, dtype: Any = jnp.float32
     model = models.ssd300_vgg16(num_classes, prior_spec=spec, dtype=dtype,
                                 image_mean=models.TORCHVISION_MEAN)
     return model, {"params": params}
+
+
+def _torch_shape(hwio: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch (OIHW) shape of a Flax HWIO kernel shape."""
+    return (hwio[3], hwio[2], hwio[0], hwio[1])
+
+
+def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _at(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _fill_conv_bn(sd: StateDict, prefix: str, path: tuple[str, ...], shapes: Variables,
+                  params: dict[str, Any], stats: dict[str, Any]) -> None:
+    """torch Conv2dNormActivation `prefix` (.0 conv without bias, .1 BatchNorm2d) -> our
+    ConvBNAct at `path` ("conv" kernel, "bn" scale/bias and batch statistics mean/var)."""
+    kernel = _at(shapes["params"], path + ("conv", "kernel")).shape
+    w = _get(sd, prefix + ".0.weight", _torch_shape(kernel))
+    _put(params, path + ("conv", "kernel"), jnp.asarray(w.transpose(2, 3, 1, 0)))
+    n = (kernel[-1],)
+    _put(params, path + ("bn", "scale"), jnp.asarray(_get(sd, prefix + ".1.weight", n)))
+    _put(params, path + ("bn", "bias"), jnp.asarray(_get(sd, prefix + ".1.bias", n)))
+    _put(stats, path + ("bn", "mean"), jnp.asarray(_get(sd, prefix + ".1.running_mean", n)))
+    _put(stats, path + ("bn", "var"), jnp.asarray(_get(sd, prefix + ".1.running_var", n)))
+
+
+def _fill_conv(sd: StateDict, prefix: str, path: tuple[str, ...], shapes: Variables,
+               params: dict[str, Any]) -> None:
+    """torch Conv2d with bias `prefix` -> our nn.Conv at `path`."""
+    kernel = _at(shapes["params"], path + ("kernel",)).shape
+    w = _get(sd, prefix + ".weight", _torch_shape(kernel))
+    _put(params, path + ("kernel",), jnp.asarray(w.transpose(2, 3, 1, 0)))
+    _put(params, path + ("bias",), jnp.asarray(_get(sd, prefix + ".bias", (kernel[-1],))))
+
+
+def _check_complete(filled: Variables, shapes: Variables) -> None:
+    """Every variable of the model was converted (a converter bug otherwise, not the user's)."""
+    got = jax.tree_util.tree_structure(filled)
+    want = jax.tree_util.tree_structure({k: shapes[k] for k in filled})
+    if got != want:
+        raise AssertionError(f"converter left variables out: {want} vs {got}")
+
+
+def from_torchvision_ssdlite(state_dict: StateDict, dtype: Any = jnp.float32
+                             ) -> tuple[models.SSD, Variables]:
+    """A torchvision `ssdlite320_mobilenet_v3_large` state dict -> (our
+    `ssdlite320_mobilenet_v3` with SSDLITE320 priors, its variables {"params", "batch_stats"}).
+
+    The class count is read from the classification head, the tail width (reduced: the COCO
+    weights; full: an ImageNet backbone) from the last conv. torch layout: backbone.features.0 is
+    MobileNetV3 up to the expansion of the last stride-2 block (C4), backbone.features.1 the rest
+    (that block's depthwise/SE/projection at .1.0.{1,2,3}, two blocks, the last conv),
+    backbone.extra.j the extra blocks, head.{classification,regression}_head.module_list.k the
+    predictors (.0 depthwise conv + BN, .1 1x1 conv). Raises StateDictError naming the key when a
+    tensor is missing or mis-shaped.
+    """
+    from ssd_jax.backbones.mobilenet_v3 import large_blocks
+
+    sd = state_dict
+    a = SSDLITE320.boxes_per_location[0]
+    key = "head.classification_head.module_list.0.1.weight"
+    cls0 = _get(sd, key)
+    if cls0.shape[0] % a:
+        raise StateDictError(f"state dict key {key!r} has {cls0.shape[0]} output channels, not a "
+                             f"multiple of the {a} boxes per location of the first map")
+    num_classes = cls0.shape[0] // a
+    last = _get(sd, "backbone.features.1.3.0.weight")
+    if last.shape[0] not in (480, 960):
+        raise StateDictError(f"state dict key 'backbone.features.1.3.0.weight' has "
+                             f"{last.shape[0]} output channels; MobileNetV3-Large's last conv "
+                             f"has 480 (reduced tail) or 960")
+    reduced_tail = last.shape[0] == 480
+    model = models.ssdlite320_mobilenet_v3(num_classes, dtype=dtype, reduced_tail=reduced_tail)
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+
+    blocks = large_blocks(reduced_tail)
+    c4 = max(i for i, b in enumerate(blocks) if b.stride > 1)
+    _fill_conv_bn(sd, "backbone.features.0.0", ("backbone", "stem"), shapes, params, stats)
+    for i, cfg in enumerate(blocks):
+        ours = ("backbone", f"block{i}")
+        parts = (["expand"] if cfg.expanded != cfg.in_ch else []) + ["depthwise"] + \
+            (["se"] if cfg.use_se else []) + ["project"]
+        if i < c4:
+            prefixes = [f"backbone.features.0.{i + 1}.block.{j}" for j in range(len(parts))]
+        elif i == c4:  # split: its expansion ends features.0, the rest starts features.1
+            prefixes = ["backbone.features.0.13"] + [f"backbone.features.1.0.{j}"
+                                                      for j in range(1, len(parts))]
+        else:
+            prefixes = [f"backbone.features.1.{i - c4}.block.{j}" for j in range(len(parts))]
+        for part, prefix in zip(parts, prefixes, strict=True):
+            if part == "se":
+                for fc in ("fc1", "fc2"):
+                    _fill_conv(sd, f"{prefix}.{fc}", ours + ("se", fc), shapes, params)
+            else:
+                _fill_conv_bn(sd, prefix, ours + (part,), shapes, params, stats)
+    _fill_conv_bn(sd, f"backbone.features.1.{len(blocks) - c4}", ("backbone", "last_conv"),
+                  shapes, params, stats)
+    for j in range(4):
+        for t, part in enumerate(("project_in", "depthwise", "project_out")):
+            _fill_conv_bn(sd, f"backbone.extra.{j}.{t}", ("extras", f"extra{j}_{part}"), shapes,
+                          params, stats)
+    for k in range(len(SSDLITE320.feature_map_sizes)):
+        for ours, theirs in (("cls_head", "classification_head"), ("box_head", "regression_head")):
+            prefix = f"head.{theirs}.module_list.{k}"
+            _fill_conv_bn(sd, f"{prefix}.0", (f"{ours}_{k}", "depthwise"), shapes, params, stats)
+            _fill_conv(sd, f"{prefix}.1", (f"{ours}_{k}", "pointwise"), shapes, params)
+    variables = {"params": params, "batch_stats": stats}
+    _check_complete(variables, shapes)
+    return model, variables
+
+
+#: torchvision detectors this module converts: name -> (a key only its state dicts have, converter).
+TORCHVISION_DETECTORS = {
+    "ssd300_vgg16": ("backbone.scale_weight", from_torchvision_ssd),
+    "ssdlite320_mobilenet_v3": ("head.classification_head.module_list.0.1.weight",
+                                from_torchvision_ssdlite),
+}
+
+
+def torchvision_detector_name(state_dict: StateDict) -> str | None:
+    """Which torchvision detector a state dict is ("ssd300_vgg16" or
+    "ssdlite320_mobilenet_v3"), recognized from its keys; None for anything else."""
+    for name, (key, _) in TORCHVISION_DETECTORS.items():
+        if key in state_dict:
+            return name
+    return None
+
+
+def from_torchvision_detector(state_dict: StateDict, dtype: Any = jnp.float32
+                              ) -> tuple[str, models.SSD, Variables]:
+    """A torchvision ssd300_vgg16 or ssdlite320_mobilenet_v3_large state dict, recognized from
+    its keys -> (its name, our SSD, variables). StateDictError for anything else."""
+    name = torchvision_detector_name(state_dict)
+    if name is None:
+        sample = ", ".join(list(state_dict)[:3]) or "no keys"
+        raise StateDictError(f"not a torchvision ssd300_vgg16 or ssdlite320_mobilenet_v3_large "
+                             f"state dict (keys: {sample}, ...)")
+    model, variables = TORCHVISION_DETECTORS[name][1](state_dict, dtype=dtype)
+    return name, model, variables
 
 
 def vgg16_backbone_from_torchvision(state_dict: StateDict, include_fc: bool = True) -> Variables:

@@ -37,6 +37,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 #: torchvision's SSD300 post-processing (also the paper's).
 TORCHVISION_DETECT = {"score_threshold": 0.01, "pre_nms_top_k": 400, "iou_threshold": 0.45,
                       "max_detections": 200}
+#: torchvision's post-processing of each detector it ships (ssd_jax.convert.TORCHVISION_DETECTORS).
+TORCHVISION_DETECT_OF = {
+    "ssd300_vgg16": TORCHVISION_DETECT,
+    "ssdlite320_mobilenet_v3": {"score_threshold": 0.001, "pre_nms_top_k": 300,
+                                "iou_threshold": 0.55, "max_detections": 300},
+}
 DETECT_FIELDS = ("score_threshold", "pre_nms_top_k", "iou_threshold", "max_detections")
 
 
@@ -230,8 +236,9 @@ class Predictor:
 
     @classmethod
     def from_torchvision(cls, path: str, dtype: str | None = None) -> Predictor:
-        """torchvision's ssd300_vgg16 state dict (.pth/.pt/.safetensors), converted on the fly;
-        torchvision's post-processing; labels are COCO's category ids for the 91-class weights."""
+        """torchvision's ssd300_vgg16 or ssdlite320_mobilenet_v3_large state dict
+        (.pth/.pt/.safetensors; recognized from its keys), converted on the fly; torchvision's
+        post-processing of that model; labels are COCO's category ids for the 91-class weights."""
         import jax
         import jax.numpy as jnp
 
@@ -241,19 +248,19 @@ class Predictor:
             raise UserError(f"--torchvision_checkpoint={path}: no such file")
         try:
             state_dict = convert.load_state_dict(path)
-            model, variables = convert.from_torchvision_ssd(
+            name, model, variables = convert.from_torchvision_detector(
                 state_dict, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         except ImportError as e:
             raise UserError(f"--torchvision_checkpoint={path}: reading it needs {e.name or 'torch'} "
                             "(pip install torch), or convert the file to .safetensors") from None
         except convert.StateDictError as e:
             raise CheckpointMismatchError(
-                f"--torchvision_checkpoint={path} is not a torchvision ssd300_vgg16 state dict: "
-                f"{e}") from None
+                f"--torchvision_checkpoint={path} is not a torchvision ssd300_vgg16 or "
+                f"ssdlite320_mobilenet_v3_large state dict: {e}") from None
         n = model.num_classes
         names = (coco.COCO_CATEGORIES_91[1:] if n == len(coco.COCO_CATEGORIES_91)
                  else tuple(f"class_{i}" for i in range(1, n)))
-        detect_kwargs = dict(TORCHVISION_DETECT)
+        detect_kwargs = dict(TORCHVISION_DETECT_OF[name])
         return cls(model, jax.device_put(variables), tuple(names), tuple(range(1, n)),
                    detect_kwargs, make_detect_fn(model, detect_kwargs))
 
@@ -322,7 +329,8 @@ class Predictor:
 
 def load_predictor(workdir: str | None = None, torchvision_checkpoint: str | None = None,
                    step: int | None = None, dtype: str | None = None) -> Predictor:
-    """A Predictor from a training workdir or a torchvision ssd300_vgg16 state dict (exactly one)."""
+    """A Predictor from a training workdir or a torchvision ssd300_vgg16 /
+    ssdlite320_mobilenet_v3_large state dict (exactly one)."""
     if (workdir is None) == (torchvision_checkpoint is None):
         raise UserError("give exactly one of --workdir and --torchvision_checkpoint")
     if workdir is not None:

@@ -13,8 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model: a name from ssd_jax.models.MODELS; its prior spec fixes the input size.
     config.model = ml_collections.ConfigDict()
-    config.model.name = "compact"      # ssd300_vgg16 | ssd512_vgg16 | compact
-    # Options of the "compact" builder (ssd_jax.models.compact_ssd); other models take none.
+    config.model.name = "compact"      # a name of ssd_jax.models.MODELS (README: the models table)
+    # Options of the "compact" builder (ssd_jax.models.compact_ssd); the other configs replace
+    # config.model with their builder's options (the VGG16 builders take none).
+    config.model.freeze_bn = False     # BatchNorm keeps its running statistics in training (True:
+                                       # for fine-tuning with small per-device batches)
     config.model.width_mult = 1.0      # multiplies every channel count
     config.model.top_down = False      # FPN-style fusion into the backbone's source maps (measured:
                                        # 0.54 vs 0.64 mAP at 3000 steps, and 25% slower: off)

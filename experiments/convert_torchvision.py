@@ -4,12 +4,18 @@ r"""Convert torchvision weights to an ssd_jax orbax checkpoint.
         --output=/tmp/ssd300_tv
     python -m experiments.convert_torchvision --kind=vgg16 --input=vgg16-397923af.pth \
         --output=/tmp/vgg16_backbone [--nofc]
+    python -m experiments.convert_torchvision --kind=resnet50 --input=resnet50-0676ba61.pth \
+        --output=/tmp/resnet50_backbone
 
 --kind=ssd300: a torchvision ssd300_vgg16 state dict -> the full variables of
   `ssd300_vgg16(num_classes, SSD300_TORCHVISION, image_mean=TORCHVISION_MEAN)`.
 --kind=vgg16: torchvision ImageNet vgg16 weights -> {"params": {"backbone": ...}} with reduced
   fc6/fc7 (or without them, --nofc, for features-only weights); use as `config.init_checkpoint`,
   merged into freshly initialized variables with `ssd_jax.convert.merge_params`.
+--kind=resnet50: torchvision ImageNet resnet50 weights -> {"params": {"backbone": ...},
+  "batch_stats": {"backbone": ...}} (conv1..layer3, BatchNorm statistics included) of
+  `ssd300_resnet50`; use as `config.init_checkpoint` (experiments/configs/ssd300_resnet50_coco.py),
+  where both collections are merged into the fresh variables.
 The input is a .pth/.pt (torch.load with weights_only=True) or a .safetensors file. An existing
 checkpoint at --output is replaced; a folder there that holds something else is refused.
 
@@ -28,7 +34,7 @@ from ssd_jax import cli
 from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-KINDS = ("ssd300", "vgg16")
+KINDS = ("ssd300", "vgg16", "resnet50")
 #: Files of the checkpoint folder that orbax's StandardCheckpointer writes: a folder holding one of
 #: them may be replaced by --output, any other non-empty folder is refused (save removes it).
 CHECKPOINT_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
@@ -39,8 +45,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     if "kind" in fv:
         return
     flags.DEFINE_enum("kind", None, KINDS, "ssd300: a torchvision ssd300_vgg16 state dict; vgg16: "
-                      "torchvision ImageNet vgg16 weights (the backbone only). Required.",
-                      flag_values=fv)
+                      "torchvision ImageNet vgg16 weights (the backbone only); resnet50: "
+                      "torchvision ImageNet resnet50 weights (the backbone of ssd300_resnet50: "
+                      "conv1..layer3 with BatchNorm statistics). Required.", flag_values=fv)
     flags.DEFINE_string("input", None, "The .pth/.pt or .safetensors state dict. Required.",
                         flag_values=fv)
     flags.DEFINE_string("output", None, "The checkpoint folder to write (an existing checkpoint "
@@ -50,8 +57,8 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def convert_file(kind: str, input_path: str, output: str, fc: bool = True) -> str:
-    """Convert the state dict at `input_path` (`kind` ssd300 or vgg16) and save it as an orbax
-    checkpoint at `output`; returns the checkpoint's absolute path. Mistakes (a missing or
+    """Convert the state dict at `input_path` (`kind` ssd300, vgg16 or resnet50) and save it as an
+    orbax checkpoint at `output`; returns the checkpoint's absolute path. Mistakes (a missing or
     unreadable input, an input of the other kind, an output that is a file) raise UserError or
     FileNotFoundError."""
     import jax
@@ -70,6 +77,8 @@ def convert_file(kind: str, input_path: str, output: str, fc: bool = True) -> st
     try:
         if kind == "ssd300":
             model, variables = convert.from_torchvision_ssd(state_dict)
+        elif kind == "resnet50":
+            variables = convert.resnet50_backbone_from_torchvision(state_dict)
         else:
             variables = convert.vgg16_backbone_from_torchvision(state_dict, include_fc=fc)
     except convert.StateDictError as e:
@@ -79,6 +88,10 @@ def convert_file(kind: str, input_path: str, output: str, fc: bool = True) -> st
     if kind == "ssd300":
         print(f"ssd300_vgg16: num_classes={model.num_classes}, priors=SSD300_TORCHVISION "
               f"({model.prior_spec.num_priors}), image_mean={model.image_mean}")
+    elif kind == "resnet50":
+        blocks = [b for b in variables["params"]["backbone"] if b != "stem"]
+        print(f"resnet50 backbone (ssd300_resnet50): stem + {len(blocks)} bottleneck blocks "
+              f"(layer1..layer3; layer4 and fc dropped), params and batch_stats")
     else:
         layers = sorted(variables["params"]["backbone"])
         print(f"vgg16 backbone: {len(layers)} layers ({', '.join(layers)})")

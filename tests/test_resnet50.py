@@ -153,3 +153,21 @@ def test_convert_cli_resnet50(tv_resnet, tmp_path):
                                   expected["params"]["backbone"]["layer2_1"]["conv2"]["conv"]["kernel"])
     np.testing.assert_array_equal(loaded["batch_stats"]["backbone"]["stem"]["bn"]["mean"],
                                   expected["batch_stats"]["backbone"]["stem"]["bn"]["mean"])
+
+
+def test_init_checkpoint_sets_params_and_batch_stats(tv_resnet, model, tmp_path):
+    # config.init_checkpoint = the converted backbone: train_lib merges both collections.
+    import ml_collections
+    import optax
+
+    from ssd_jax import train_lib
+
+    converted = convert.resnet50_backbone_from_torchvision(tv_resnet.state_dict())
+    convert.save_checkpoint(str(tmp_path / "ckpt"), converted)
+    config = ml_collections.ConfigDict({"seed": 0, "init_checkpoint": str(tmp_path / "ckpt")})
+    state = train_lib.create_train_state(config, model, optax.sgd(0.1))
+    for collection in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(state, collection)["backbone"],
+                     converted[collection]["backbone"])
+    assert set(state.batch_stats) == {"backbone", "extras"}
+    assert np.all(np.asarray(state.batch_stats["extras"]["extra0_conv"]["bn"]["var"]) == 1.0)

@@ -6,6 +6,8 @@ r"""Convert torchvision weights to an ssd_jax orbax checkpoint.
         --output=/tmp/ssdlite_tv
     python -m experiments.convert_torchvision --kind=vgg16 --input=vgg16-397923af.pth \
         --output=/tmp/vgg16_backbone [--nofc]
+    python -m experiments.convert_torchvision --kind=resnet50 --input=resnet50-0676ba61.pth \
+        --output=/tmp/resnet50_backbone
 
 --kind=ssd300: a torchvision ssd300_vgg16 state dict -> the full variables of
   `ssd300_vgg16(num_classes, SSD300_TORCHVISION, image_mean=TORCHVISION_MEAN)`.
@@ -15,6 +17,10 @@ Without --kind, a detector state dict (ssd300 or ssdlite320) is recognized from 
 --kind=vgg16: torchvision ImageNet vgg16 weights -> {"params": {"backbone": ...}} with reduced
   fc6/fc7 (or without them, --nofc, for features-only weights); use as `config.init_checkpoint`,
   merged into freshly initialized variables with `ssd_jax.convert.merge_params`.
+--kind=resnet50: torchvision ImageNet resnet50 weights -> {"params": {"backbone": ...},
+  "batch_stats": {"backbone": ...}} (conv1..layer3, BatchNorm statistics included) of
+  `ssd300_resnet50`; use as `config.init_checkpoint` (experiments/configs/ssd300_resnet50_coco.py),
+  where both collections are merged into the fresh variables.
 The input is a .pth/.pt (torch.load with weights_only=True) or a .safetensors file. An existing
 checkpoint at --output is replaced; a folder there that holds something else is refused.
 
@@ -33,7 +39,7 @@ from ssd_jax import cli
 from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-KINDS = ("ssd300", "ssdlite320", "vgg16")
+KINDS = ("ssd300", "ssdlite320", "vgg16", "resnet50")
 #: --kind of each torchvision detector (ssd_jax.convert.TORCHVISION_DETECTORS).
 DETECTOR_KINDS = {"ssd300_vgg16": "ssd300", "ssdlite320_mobilenet_v3": "ssdlite320"}
 #: Files of the checkpoint folder that orbax's StandardCheckpointer writes: a folder holding one of
@@ -47,8 +53,10 @@ def define_flags(fv: flags.FlagValues) -> None:
         return
     flags.DEFINE_enum("kind", None, KINDS, "ssd300: a torchvision ssd300_vgg16 state dict; "
                       "ssdlite320: ssdlite320_mobilenet_v3_large; vgg16: torchvision ImageNet "
-                      "vgg16 weights (the backbone only). Default: the detector recognized from "
-                      "the state dict's keys.", flag_values=fv)
+                      "vgg16 weights (the backbone only); resnet50: torchvision ImageNet resnet50 "
+                      "weights (the backbone of ssd300_resnet50: conv1..layer3 with BatchNorm "
+                      "statistics). Default: the detector recognized from the state dict's keys.",
+                      flag_values=fv)
     flags.DEFINE_string("input", None, "The .pth/.pt or .safetensors state dict. Required.",
                         flag_values=fv)
     flags.DEFINE_string("output", None, "The checkpoint folder to write (an existing checkpoint "
@@ -91,6 +99,8 @@ def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True
             model, variables = convert.from_torchvision_ssd(state_dict)
         elif kind == "ssdlite320":
             model, variables = convert.from_torchvision_ssdlite(state_dict)
+        elif kind == "resnet50":
+            variables = convert.resnet50_backbone_from_torchvision(state_dict)
         else:
             variables = convert.vgg16_backbone_from_torchvision(state_dict, include_fc=fc)
     except convert.StateDictError as e:
@@ -103,6 +113,10 @@ def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True
     elif kind == "ssdlite320":
         print(f"ssdlite320_mobilenet_v3: num_classes={model.num_classes}, priors=SSDLITE320 "
               f"({model.prior_spec.num_priors}), config.model.name=ssdlite320_mobilenet_v3")
+    elif kind == "resnet50":
+        blocks = [b for b in variables["params"]["backbone"] if b != "stem"]
+        print(f"resnet50 backbone (ssd300_resnet50): stem + {len(blocks)} bottleneck blocks "
+              f"(layer1..layer3; layer4 and fc dropped), params and batch_stats")
     else:
         layers = sorted(variables["params"]["backbone"])
         print(f"vgg16 backbone: {len(layers)} layers ({', '.join(layers)})")

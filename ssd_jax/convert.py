@@ -4,6 +4,8 @@
   from_torchvision_ssdlite(sd)        torchvision ssdlite320_mobilenet_v3_large -> (SSD, variables)
   from_torchvision_detector(sd)       either of the two, recognized from the keys
   vgg16_backbone_from_torchvision(sd) torchvision vgg16 state dict -> {"params": {"backbone": ...}}
+  resnet50_backbone_from_torchvision(sd)  torchvision resnet50 state dict -> {"params": {"backbone":
+                                      ...}, "batch_stats": {"backbone": ...}} (ssd300_resnet50)
   save_checkpoint / load_checkpoint   orbax, atomic
   merge_params(initialized, loaded)   override the leaves present in `loaded` (e.g. a backbone)
 
@@ -305,6 +307,52 @@ def vgg16_backbone_from_torchvision(state_dict: StateDict, include_fc: bool = Tr
         backbone["fc7"] = {"kernel": jnp.asarray(fc7_w.transpose(2, 3, 1, 0)),
                            "bias": jnp.asarray(fc7_b[::4])}
     return {"params": {"backbone": backbone}}
+
+
+def _conv_bn(sd: StateDict, conv: str, bn: str, out_ch: int, in_ch: int, k: int
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """torch Conv2d `conv` (no bias) + BatchNorm2d `bn` -> the params and batch_stats of a
+    ConvBNAct: ({"conv": {"kernel" HWIO}, "bn": {"scale", "bias"}}, {"bn": {"mean", "var"}})."""
+    w = _get(sd, conv + ".weight", (out_ch, in_ch, k, k))
+    bn_params = {"scale": jnp.asarray(_get(sd, bn + ".weight", (out_ch,))),
+                 "bias": jnp.asarray(_get(sd, bn + ".bias", (out_ch,)))}
+    stats = {"mean": jnp.asarray(_get(sd, bn + ".running_mean", (out_ch,))),
+             "var": jnp.asarray(_get(sd, bn + ".running_var", (out_ch,)))}
+    return {"conv": {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0))}, "bn": bn_params}, {"bn": stats}
+
+
+def resnet50_backbone_from_torchvision(state_dict: StateDict) -> Variables:
+    """torchvision `resnet50` (ImageNet) state dict -> {"params": {"backbone": ...},
+    "batch_stats": {"backbone": ...}} of `ResNet50SSDBackbone` (ssd300_resnet50).
+
+    conv1/bn1 become "stem", layer{l}.{i} "layer{l}_{i}" (conv1..conv3 with bn1..bn3, and
+    downsample.0/.1 as "downsample"), for layer1..layer3; layer4 and fc are not used. Kernels go
+    OIHW -> HWIO, BatchNorm weight/bias -> scale/bias, running_mean/var -> mean/var (the
+    stride-1 layer3 of the SSD uses the same weights). The extras and heads are not in it: merge
+    both collections into freshly initialized variables with `merge_params`. Raises
+    StateDictError naming a missing or mis-shaped key.
+    """
+    from ssd_jax.backbones.resnet50 import RESNET50_LAYERS
+
+    sd = state_dict
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    params["stem"], stats["stem"] = _conv_bn(sd, "conv1", "bn1", 64, 3, 7)
+    in_ch = 64
+    for layer, (width, blocks, _) in enumerate(RESNET50_LAYERS, start=1):
+        for i in range(blocks):
+            prefix, name = f"layer{layer}.{i}", f"layer{layer}_{i}"
+            block_params, block_stats = {}, {}
+            for j, (out_ch, cin, k) in enumerate(
+                    ((width, in_ch, 1), (width, width, 3), (4 * width, width, 1)), start=1):
+                block_params[f"conv{j}"], block_stats[f"conv{j}"] = _conv_bn(
+                    sd, f"{prefix}.conv{j}", f"{prefix}.bn{j}", out_ch, cin, k)
+            if i == 0:
+                block_params["downsample"], block_stats["downsample"] = _conv_bn(
+                    sd, f"{prefix}.downsample.0", f"{prefix}.downsample.1", 4 * width, in_ch, 1)
+            params[name], stats[name] = block_params, block_stats
+            in_ch = 4 * width
+    return {"params": {"backbone": params}, "batch_stats": {"backbone": stats}}
 
 
 # ----------------------------------------------------------------------------- files

@@ -13,6 +13,11 @@ the model, applied inside it. The registered builders:
   * `compact_ssd` ("compact"): CompactSSDBackbone, a narrow conv+BatchNorm network at 128 px
     with 6 source maps (32, 16, 8, 4, 2, 1; or 5 without the stride-4 map), cheap enough to
     train from scratch on a CPU (the embedded default).
+  * `ssdlite320_mobilenet_v3`: torchvision's SSDLite320 (MobileNetV3SSDLiteBackbone with the
+    SSDLiteHead), 6 maps (20, 10, 5, 3, 2, 1 at 320 px).
+  * `ssd300_resnet50`: NVIDIA DeepLearningExamples' SSD300 with ResNet-50 (ResNet50SSDBackbone,
+    the paper's 3x3 heads, SSD300_RESNET50 priors, ImageNet normalization), 6 maps (38, 19, 10,
+    5, 3, 1 at 300 px).
 The builders check the prior spec against the backbone's source maps by shape evaluation
 (`check_prior_spec`); the module checks them again when it runs.
 
@@ -21,7 +26,7 @@ the boxes of one location contiguous; a head's NHWC output [B,H,W,A*K] reshapes 
 Box predictions are offsets (dcx, dcy, dw, dh) against center-form priors (see box_coder).
 
 Params are float32 (`param_dtype`); `dtype` is the compute dtype (bfloat16 on accelerators);
-the outputs are always float32. BatchNorm (compact only) keeps statistics in the "batch_stats"
+the outputs are always float32. BatchNorm (all but VGG16) keeps statistics in the "batch_stats"
 collection: `model.apply(variables, x, train=True, mutable=["batch_stats"])`.
 
 Variables: the SSD shares its scope with the backbone (`nn.share_scope`), so the backbone's
@@ -42,11 +47,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.backbones import CompactSSDBackbone, MobileNetV3SSDLiteBackbone, VGG16SSDBackbone
+from ssd_jax.backbones import (
+    CompactSSDBackbone,
+    MobileNetV3SSDLiteBackbone,
+    ResNet50SSDBackbone,
+    VGG16SSDBackbone,
+)
 from ssd_jax.heads import SSDHead, SSDLiteHead
 from ssd_jax.priors import (
     COMPACT6_PRIORS,
     COMPACT_PRIORS,
+    SSD300_RESNET50,
     SSD300_VOC,
     SSD512_VOC,
     SSDLITE320,
@@ -56,10 +67,10 @@ from ssd_jax.priors import (
 Dtype = Any
 RGB = tuple[float, float, float]
 
-__all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "HALF_RANGE", "MODELS", "SSD",
-           "TORCHVISION_MEAN", "build_model", "check_prior_spec", "compact_ssd", "flops_per_image",
-           "init_variables", "source_map_sizes", "ssd300_vgg16", "ssd512_vgg16",
-           "ssdlite320_mobilenet_v3"]
+__all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "HALF_RANGE", "IMAGENET_MEAN",
+           "IMAGENET_STD", "MODELS", "SSD", "TORCHVISION_MEAN", "build_model", "check_prior_spec",
+           "compact_ssd", "flops_per_image", "init_variables", "source_map_sizes",
+           "ssd300_resnet50", "ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3"]
 
 #: Caffe's SSD mean (RGB) in [0, 255] pixel units.
 CAFFE_MEAN = (123.0, 117.0, 104.0)
@@ -111,7 +122,8 @@ class SSD(nn.Module):
         the builders set alike); params stay `param_dtype` (float32) and the outputs float32.
       image_mean, image_std: RGB in [0,255] units; the model feeds (images - mean) / std to the
         backbone (Caffe's mean for VGG16 and compact; TORCHVISION_MEAN for converted weights;
-        127.5 and 127.5, i.e. [-1, 1], for MobileNetV3).
+        127.5 and 127.5, i.e. [-1, 1], for MobileNetV3; IMAGENET_MEAN and IMAGENET_STD for
+        ResNet-50).
       freeze_bn: BatchNorm layers (backbone and head) always normalize with their running
         statistics and never update them, also with train=True (their scale and bias still
         train); for fine-tuning with small per-device batches.
@@ -253,12 +265,29 @@ def ssdlite320_mobilenet_v3(num_classes: int, dtype: Dtype = jnp.float32,
                         image_std=HALF_RANGE, freeze_bn=freeze_bn))
 
 
+#: torchvision's ImageNet normalization ([0.485, 0.456, 0.406] and [0.229, 0.224, 0.225] on [0, 1])
+#: in [0, 255] units: the inputs torchvision's ImageNet ResNet weights expect.
+IMAGENET_MEAN = (0.485 * 255.0, 0.456 * 255.0, 0.406 * 255.0)
+IMAGENET_STD = (0.229 * 255.0, 0.224 * 255.0, 0.225 * 255.0)
+
+
+def ssd300_resnet50(num_classes: int, dtype: Dtype = jnp.float32, freeze_bn: bool = False) -> SSD:
+    """NVIDIA DeepLearningExamples' SSD300 with ResNet-50: ResNet50SSDBackbone (torchvision
+    ResNet-50 through layer3 at stride 8 + NVIDIA's BN extras), the paper's 3x3 heads,
+    SSD300_RESNET50 priors (8732 at 300 px; 4, 6, 6, 6, 4, 4 boxes per location) and ImageNet
+    normalization."""
+    return _checked(SSD(backbone=ResNet50SSDBackbone(dtype=dtype), prior_spec=SSD300_RESNET50,
+                        num_classes=num_classes, dtype=dtype, image_mean=IMAGENET_MEAN,
+                        image_std=IMAGENET_STD, freeze_bn=freeze_bn))
+
+
 MODELS = {"ssd300_vgg16": ssd300_vgg16, "ssd512_vgg16": ssd512_vgg16, "compact": compact_ssd,
-          "ssdlite320_mobilenet_v3": ssdlite320_mobilenet_v3}
+          "ssdlite320_mobilenet_v3": ssdlite320_mobilenet_v3, "ssd300_resnet50": ssd300_resnet50}
 
 
 def build_model(name: str, num_classes: int, dtype: Dtype = jnp.float32, **options: Any) -> SSD:
-    """The model registered as `name` ("ssd300_vgg16", "ssd512_vgg16" or "compact").
+    """The model registered as `name` (a key of MODELS: "ssd300_vgg16", "ssd512_vgg16",
+    "compact", "ssdlite320_mobilenet_v3", "ssd300_resnet50").
 
     `options` go to the builder (e.g. width_mult=1.5 for "compact"); unknown ones are an error.
     """

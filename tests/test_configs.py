@@ -11,7 +11,8 @@ import pytest
 
 from ssd_jax import train_lib
 
-CONFIGS = ["default", "ssd300_voc", "ssd512_voc", "ssd300_coco", "ssdlite320_coco"]
+CONFIGS = ["default", "ssd300_voc", "ssd512_voc", "ssd300_coco", "ssdlite320_coco",
+           "ssd300_resnet50_coco"]
 
 
 @pytest.mark.slow

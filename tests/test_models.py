@@ -271,7 +271,7 @@ def _load_param_paths_fixture():
 
 @pytest.mark.parametrize("case", ["ssd300_vgg16", "ssd512_vgg16", "compact_6", "compact_5",
                                   "compact_6_top_down", "compact_5_top_down", "compact_6_half",
-                                  "compact_5_top_down_half"])
+                                  "compact_5_top_down_half", "ssd300_resnet50"])
 def test_variable_paths_and_shapes_are_pinned(case):
     # Checkpoints store the variables tree: its paths and shapes must not change with a refactor
     # (tests/data/param_paths.json was written by tests/data/make_param_paths.py).

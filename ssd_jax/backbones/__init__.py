@@ -13,6 +13,8 @@ and the checkpoints of the models from before backbones were modules keep their 
 
 from ssd_jax.backbones.compact import CompactSSDBackbone
 from ssd_jax.backbones.mobilenet_v3 import MobileNetV3SSDLiteBackbone
+from ssd_jax.backbones.resnet50 import ResNet50SSDBackbone
 from ssd_jax.backbones.vgg16 import VGG16SSDBackbone
 
-__all__ = ["CompactSSDBackbone", "MobileNetV3SSDLiteBackbone", "VGG16SSDBackbone"]
+__all__ = ["CompactSSDBackbone", "MobileNetV3SSDLiteBackbone", "ResNet50SSDBackbone",
+           "VGG16SSDBackbone"]

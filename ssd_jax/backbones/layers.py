@@ -47,6 +47,8 @@ class ConvBNAct(nn.Module):
 
     Attributes:
       features, kernel, stride, groups, dilation: the conv (groups = C for depthwise).
+      padding: on each side; None: (kernel - 1) // 2 * dilation (torch's "same" for odd kernels
+        at stride 1), 0 e.g. for the valid 3x3 convs of the ResNet-50 SSD's last extras.
       activation: "relu", "relu6", "hardswish" or None (linear, e.g. MobileNet's projections).
       bn_epsilon, bn_momentum: BatchNorm's (flax momentum convention, see `batch_norm`).
     """
@@ -56,6 +58,7 @@ class ConvBNAct(nn.Module):
     stride: int = 1
     groups: int = 1
     dilation: int = 1
+    padding: int | None = None
     activation: str | None = "relu"
     bn_epsilon: float = 1e-5
     bn_momentum: float = 0.9
@@ -66,7 +69,7 @@ class ConvBNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        p = (self.kernel - 1) // 2 * self.dilation
+        p = (self.kernel - 1) // 2 * self.dilation if self.padding is None else self.padding
         x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride,) * 2,
                     padding=((p, p), (p, p)), kernel_dilation=(self.dilation,) * 2,
                     feature_group_count=self.groups, use_bias=False, dtype=self.dtype,

@@ -24,6 +24,7 @@ CASES = {
     "compact_6_half": ("compact", 7, {"num_maps": 6, "width_mult": 0.5}),
     "compact_5_top_down_half": ("compact", 7, {"num_maps": 5, "top_down": True,
                                                "width_mult": 0.5}),
+    "ssd300_resnet50": ("ssd300_resnet50", 81, {}),
 }
 
 

@@ -277,3 +277,48 @@ def test_variable_paths_and_shapes_are_pinned(case):
     # (tests/data/param_paths.json was written by tests/data/make_param_paths.py).
     module, pinned = _load_param_paths_fixture()
     assert module.param_paths(case) == pinned[case]
+
+
+def test_freeze_bn_keeps_running_statistics(compact):
+    """config.model.freeze_bn: train=True normalizes with the running statistics and leaves them
+    as they are (the outputs equal eval mode's), while BatchNorm's scale still gets gradients."""
+    model, variables, images = compact
+    frozen = models.build_model("compact", 6, freeze_bn=True)
+    assert frozen.freeze_bn and not model.freeze_bn
+    # non-trivial running statistics, so that "equals eval mode" is not equal by accident
+    stats = jax.tree.map(lambda s: s + 0.1 * np.abs(np.random.default_rng(0).normal(size=s.shape)),
+                         variables["batch_stats"])
+    v = {"params": variables["params"], "batch_stats": stats}
+
+    def loss(params, m):
+        (cls, box), upd = m.apply({"params": params, "batch_stats": stats}, images, train=True,
+                                  mutable=["batch_stats"])
+        return jnp.sum(cls ** 2) + jnp.sum(box ** 2), (cls, upd)
+
+    (_, (cls_f, upd_f)), grads = jax.jit(jax.value_and_grad(
+        lambda p: loss(p, frozen), has_aux=True))(v["params"])
+    cls_eval, _ = jax.jit(model.apply)(v, images)
+    np.testing.assert_allclose(cls_f, cls_eval, rtol=1e-4, atol=1e-4)  # other fusions
+    for a, b in zip(jax.tree.leaves(upd_f["batch_stats"]), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    scale = grads["backbone"]["stage1_down"]["bn"]["scale"]
+    assert float(np.abs(scale).max()) > 0
+    # unfrozen, the same call uses batch statistics: different outputs, updated statistics
+    (_, (cls_t, upd_t)), _ = jax.jit(jax.value_and_grad(
+        lambda p: loss(p, model), has_aux=True))(v["params"])
+    assert not np.allclose(cls_t, cls_eval, atol=1e-3)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(upd_t["batch_stats"]),
+                                                     jax.tree.leaves(stats), strict=True))
+
+
+def test_freeze_bn_from_the_config():
+    from experiments.configs import default, ssdlite320_coco
+    from ssd_jax import train_lib
+
+    config = default.get_config()
+    config.model.freeze_bn = True
+    assert train_lib.create_model(config, 5).freeze_bn
+    lite = ssdlite320_coco.get_config()
+    lite.dtype = "float32"
+    model = train_lib.create_model(lite, 81)
+    assert not model.freeze_bn and model.backbone.axis_name == model.head.axis_name == "data"

@@ -87,6 +87,7 @@ def options(fv: flags.FlagValues) -> types.SimpleNamespace:
             raise UserError("--targets runs its own rows: drop --quick and --suite")
         args.suite = ["model", "inference"]
         args.model_names = ["ssd300_vgg16"]
+        args.inference_models = ["ssd300_vgg16"]
         args.model_cases = [(64, "bf16"), (32, "fp32")]
         args.inference_cases = [(32, "bf16"), (64, "bf16")]
     return args

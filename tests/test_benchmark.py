@@ -77,6 +77,7 @@ def test_targets_refuses_other_row_selections():
         benchmark.main(["--targets", "--quick"])
     args = benchmark.options(_flag_values(["--targets"]))
     assert args.suite == ["model", "inference"] and args.model_names == ["ssd300_vgg16"]
+    assert args.inference_models == ["ssd300_vgg16"]
     assert isinstance(args, types.SimpleNamespace) and args.peer is True
 
 
@@ -103,14 +104,18 @@ def test_benchmark_flags():
     assert args.suite == ["core", "detect"] and args.peer is False and args.quick is False
     assert (args.core_batch, args.detect_tile) == (8, 16)
     assert args.inference_batches == ["1", "4"] and args.inference_dtypes == ["bf16"]
-    assert args.model_batch == ["2"] and args.model_names == ["ssd300_vgg16", "compact"]
+    from experiments.benchmarks import inference, model
+
+    assert args.model_batch == ["2"] and args.model_names == list(model.MODEL_NAMES)
+    assert set(model.MODEL_NAMES) == set(inference.INFERENCE_MODELS)  # every model, both suites
+    assert args.inference_models == list(inference.INFERENCE_MODELS)
     defaults = benchmark.options(_flag_values([]))
     assert defaults.suite is None and defaults.peer is True and defaults.dtype == "fp32"
     for bad in (["--suite=nope"], ["--no-peer"], ["--core_batch=0"], ["stray"]):
         with pytest.raises(UserError):
             benchmark.main(bad)
-    from experiments.benchmarks import inference, model
-
+    with pytest.raises(UserError, match="--inference_models"):
+        inference.run(benchmark.options(_flag_values(["--inference_models=resnet"])))
     with pytest.raises(UserError, match="--inference_dtypes"):
         inference.run(benchmark.options(_flag_values(["--inference_dtypes=fp16"])))
     with pytest.raises(UserError, match="--model_batch"):

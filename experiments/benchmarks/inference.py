@@ -1,4 +1,4 @@
-"""Suite `inference`: end-to-end SSD300 inference, images -> final fixed-size detections.
+"""Suite `inference`: end-to-end inference of each model, images -> final fixed-size detections.
 
 Ours: `ssd_jax.inference.make_detect_fn`'s jitted function (what `experiments.predict` runs) of
 uint8 images already on the device: the network (model.apply), decode, per-class NMS and the
@@ -14,8 +14,14 @@ candidates per image, a few dozen final detections, not the dense worst case of 
 is converted with `convert.from_torchvision_ssd`. bf16 runs our compute in bfloat16 (params and
 outputs float32) and the peer under `torch.autocast(bfloat16)`.
 
+SSDLite320 is timed the same way against torchvision's ssdlite320_mobilenet_v3_large (converted
+with `convert.from_torchvision_ssdlite`, torchvision's SSDLite settings: score > 0.001, top 300,
+NMS 0.55, 300 per image). ssd300_resnet50 and compact have no torchvision peer: ours only, on
+random weights made trained-like the same way (class head scaled, background bias), with
+torchvision's SSD300 settings.
+
     python -m experiments.benchmark --suite=inference [--inference_batches=1,32,64]
-        [--inference_dtypes=fp32,bf16] [--quick] [--nopeer]
+        [--inference_dtypes=fp32,bf16] [--inference_models=ssd300_vgg16,...] [--quick] [--nopeer]
 
 Imports jax/numpy/absl, ssd_jax's core and ssd_jax.inference (numpy, Pillow) at module level,
 torch lazily (for the weights and the peer); without torch the suite times ours on a randomly
@@ -40,6 +46,16 @@ NUM_CLASSES = 91  # torchvision's COCO head
 DETECT = dict(ssd_inference.TORCHVISION_DETECT)
 HEAD_SCALE, BACKGROUND_BIAS = 0.3, 12.0  # trained-like class head (background dominates)
 
+#: model -> (row label, torchvision builder or None, head scale, background bias). Randomly
+#: initialized networks give nearly the same logits everywhere, so a setting yields all or no
+#: candidates; these give some (SSDLite: the dense worst case, 300 per image; the row notes the
+#: count, the same for ours and the peer).
+INFERENCE_MODELS = {
+    "ssd300_vgg16": ("SSD300", "ssd300_vgg16", HEAD_SCALE, BACKGROUND_BIAS),
+    "ssdlite320_mobilenet_v3": ("SSDLite320", "ssdlite320_mobilenet_v3_large", 40.0, 4.0),
+    "ssd300_resnet50": ("SSD300-ResNet50", None, 0.15, BACKGROUND_BIAS),
+    "compact": ("compact", None, 0.15, BACKGROUND_BIAS),
+}
 
 DEFAULT_BATCHES, DEFAULT_DTYPES = ["1", "32", "64"], ["fp32", "bf16"]
 
@@ -50,45 +66,75 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_list("inference_dtypes", DEFAULT_DTYPES, "inference suite: comma-separated "
                       "compute dtypes, fp32 and/or bf16 (--quick: fp32 unless given).",
                       flag_values=fv)
+    flags.DEFINE_list("inference_models", list(INFERENCE_MODELS), "inference suite: "
+                      f"comma-separated models ({', '.join(INFERENCE_MODELS)}).", flag_values=fv)
 
 
-def torchvision_model(seed: int = 0) -> Any:
-    """Seeded torchvision ssd300_vgg16 (eval mode) with a background-dominant class head."""
+def torchvision_model(seed: int = 0, name: str = "ssd300_vgg16") -> Any:
+    """Seeded torchvision peer of our model `name` (eval mode) with a background-dominant class
+    head."""
     import torch
     import torchvision
 
+    _, builder, scale, bias = INFERENCE_MODELS[name]
     torch.manual_seed(seed)
-    model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
-                                                      num_classes=NUM_CLASSES)
+    model = getattr(torchvision.models.detection, builder)(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
     with torch.no_grad():
-        for conv in model.head.classification_head.module_list:
-            conv.weight.mul_(HEAD_SCALE)
-            conv.bias.view(-1, NUM_CLASSES)[:, 0] += BACKGROUND_BIAS
+        for head in model.head.classification_head.module_list:
+            conv = head if isinstance(head, torch.nn.Conv2d) else head[-1]  # SSDLite: dw + 1x1
+            conv.weight.mul_(scale)
+            conv.bias.view(-1, NUM_CLASSES)[:, 0] += bias
     return model.eval()
 
 
-def our_model(state_dict: Any | None, dtype: Any) -> tuple[models.SSD, Any]:
-    """Our SSD300 with the converted torchvision weights (or random ones without torch)."""
+def _trained_like(model: models.SSD, variables: Any, scale: float, bias: float) -> Any:
+    """Random variables with the class heads' last layer scaled and the background biased."""
+    params = dict(variables["params"])
+    for k in range(len(model.prior_spec.feature_map_sizes)):
+        head = dict(params[f"cls_head_{k}"])
+        last = dict(head["pointwise"]) if "pointwise" in head else head
+        last["kernel"] = last["kernel"] * scale
+        last["bias"] = last["bias"].reshape(-1, NUM_CLASSES).at[:, 0].add(bias).reshape(-1)
+        if "pointwise" in head:
+            head["pointwise"] = last
+        else:
+            head = last
+        params[f"cls_head_{k}"] = head
+    return {**variables, "params": params}
+
+
+def our_model(state_dict: Any | None, dtype: Any, name: str = "ssd300_vgg16"
+              ) -> tuple[models.SSD, Any]:
+    """Our model `name` with the converted torchvision weights (or, without a state dict,
+    random ones made trained-like)."""
     if state_dict is not None:
         from ssd_jax import convert
 
-        return convert.from_torchvision_ssd(state_dict, dtype=dtype)
-    model = models.ssd300_vgg16(NUM_CLASSES, prior_spec=priors.SSD300_TORCHVISION, dtype=dtype,
-                                image_mean=models.TORCHVISION_MEAN)
-    return model, models.init_variables(model, jax.random.key(0))
+        return convert.from_torchvision_detector(state_dict, dtype=dtype)[1:]
+    if name == "ssd300_vgg16":
+        model = models.ssd300_vgg16(NUM_CLASSES, prior_spec=priors.SSD300_TORCHVISION,
+                                    dtype=dtype, image_mean=models.TORCHVISION_MEAN)
+    else:
+        model = models.build_model(name, NUM_CLASSES, dtype=dtype)
+    _, _, scale, bias = INFERENCE_MODELS[name]
+    return model, _trained_like(model, models.init_variables(model, jax.random.key(0)), scale,
+                                bias)
 
 
-def make_inference_fn(model: models.SSD) -> Any:
-    """jit(variables, uint8 images [B,300,300,3]) -> postprocess.Detections (fixed size): the
-    function `python -m experiments.predict` runs, with torchvision's detection settings."""
-    return ssd_inference.make_detect_fn(model, DETECT)
+def make_inference_fn(model: models.SSD, name: str = "ssd300_vgg16") -> Any:
+    """jit(variables, uint8 images [B,S,S,3]) -> postprocess.Detections (fixed size): the
+    function `python -m experiments.predict` runs, with torchvision's detection settings of the
+    model (SSD300's for models torchvision does not have)."""
+    return ssd_inference.make_detect_fn(model, ssd_inference.TORCHVISION_DETECT_OF.get(name, DETECT))
 
 
-def images_batch(batch: int, seed: int = 0) -> np.ndarray:
-    """uint8 [B,300,300,3]: smooth random blobs (photo-like low frequencies) plus noise."""
+def images_batch(batch: int, seed: int = 0, size: int = 300) -> np.ndarray:
+    """uint8 [B,S,S,3]: smooth random blobs (photo-like low frequencies) plus noise."""
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, (batch, 10, 10, 3))
-    smooth = np.repeat(np.repeat(coarse, 30, axis=1), 30, axis=2)
+    cell = -(-size // 10)
+    smooth = np.repeat(np.repeat(coarse, cell, axis=1), cell, axis=2)[:, :size, :size]
     return np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
 
 
@@ -124,27 +170,41 @@ def run(args: Any) -> list[Row]:
               else dict(warmup=2, min_time=2.0, min_iters=3))
     want_peer = getattr(args, "peer", True)
 
-    tv_model, state_dict = None, None
-    try:
-        tv_model = torchvision_model()
-        state_dict = tv_model.state_dict()
-    except ImportError as e:
-        print(f"(inference: torch/torchvision unavailable ({e}); ours only, random weights)")
-
+    names = [str(n) for n in getattr(args, "inference_models", None) or INFERENCE_MODELS]
+    unknown = [n for n in names if n not in INFERENCE_MODELS]
+    if unknown:
+        raise UserError(f"--inference_models: {unknown[0]!r} is not a model; the models are "
+                        f"{','.join(INFERENCE_MODELS)}")
     cases = getattr(args, "inference_cases", None)
     if cases:  # explicit (batch, dtype) pairs, e.g. the --targets rows
         batches = sorted({b for b, _ in cases})
         dtypes = list(dict.fromkeys(d for _, d in cases))
     rows = []
+    for name in names:
+        rows += _run_model(name, batches, dtypes, cases, want_peer, timing)
+    return rows
+
+
+def _run_model(name: str, batches: list[int], dtypes: list[str], cases: Any, want_peer: bool,
+               timing: dict) -> list[Row]:
+    label, builder, _, _ = INFERENCE_MODELS[name]
+    tv_model, state_dict = None, None
+    if builder is not None:
+        try:
+            tv_model = torchvision_model(name=name)
+            state_dict = tv_model.state_dict()
+        except ImportError as e:
+            print(f"(inference: torch/torchvision unavailable ({e}); ours only, random weights)")
+    rows = []
     for dtype_name in dtypes:
         dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
-        model, variables = our_model(state_dict, dtype)
+        model, variables = our_model(state_dict, dtype, name)
         variables = jax.device_put(variables)
-        infer = make_inference_fn(model)
+        infer = make_inference_fn(model, name)
         for batch in batches:
             if cases and (batch, dtype_name) not in cases:
                 continue
-            host = images_batch(batch)
+            host = images_batch(batch, size=model.prior_spec.image_size)
             images = jax.device_put(host)
             dets = jax.device_get(infer(variables, images))
             sec = time_jax(lambda f=infer, v=variables, x=images: f(v, x), **timing)
@@ -153,6 +213,6 @@ def run(args: Any) -> list[Row]:
                 peer_sec, peer_dets = _time_peer(tv_model, host, dtype_name == "bf16", timing)
                 peer = batch / peer_sec
                 note += f" (torchvision {peer_dets:.0f})"
-            rows.append(Row(f"inference e2e SSD300 {NUM_CLASSES} cls {dtype_name} batch {batch}",
+            rows.append(Row(f"inference e2e {label} {NUM_CLASSES} cls {dtype_name} batch {batch}",
                             batch / sec, peer, note=note))
     return rows

@@ -1,4 +1,4 @@
-"""Model suite: forward and train-step throughput of SSD300 and the compact model.
+"""Model suite: forward and train-step throughput of each registered model.
 
 The train step is the product's: `train_lib.make_steps(config, model, tx).train` (the shard_mapped,
 jitted step that `train_and_evaluate` runs: `match_batch`, forward, `multibox_loss` with hard
@@ -6,8 +6,11 @@ negative mining, value + grad, SGD momentum + weight decay, state donated) with 
 `train_lib.create_optimizer`, under the training fields of experiments/configs/ssd300_voc.py
 (`voc_train_config`), on synthetic data already on the device. The peer is torchvision's
 ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and the train step
-`model(images, targets)` loss + backward + SGD. The compact model has no peer; its row notes
-its cost relative to SSD300 (forward+backward time per image).
+`model(images, targets)` loss + backward + SGD. The peer of ssdlite320_mobilenet_v3 is
+torchvision's ssdlite320_mobilenet_v3_large (320 px), timed the same way; ssd300_resnet50 and the
+compact model have none (torchvision ships neither), and their rows note their cost relative to
+SSD300 when it runs too. Each forward row notes the model's priors, parameters and multiply-adds
+per image (`models.flops_per_image`).
 
     python -m experiments.benchmark --suite=model [--model_batch=8] [--dtype=bf16] [--nopeer]
 """
@@ -24,7 +27,10 @@ from experiments.benchmarks.common import Row, dtype_items, int_items, items, ti
 from ssd_jax import models, train_lib
 from ssd_jax.errors import UserError
 
-MODEL_NAMES = ("ssd300_vgg16", "compact")
+MODEL_NAMES = ("ssd300_vgg16", "ssdlite320_mobilenet_v3", "ssd300_resnet50", "compact")
+#: Our model -> (torchvision.models.detection builder, its input side): the peers.
+PEERS = {"ssd300_vgg16": ("ssd300_vgg16", 300),
+         "ssdlite320_mobilenet_v3": ("ssdlite320_mobilenet_v3_large", 320)}
 NUM_CLASSES = 21
 MAX_BOXES = 8
 
@@ -77,8 +83,16 @@ def voc_train_config(name: str, dtype_name: str) -> _Config:
                    dtype="bfloat16" if dtype_name == "bf16" else "float32")
 
 
-def _time_ours(name: str, batch: int, dtype_name: str, timing: dict) -> tuple[float, float]:
-    """(forward, train step) seconds per call of our model `name`."""
+def describe(model: models.SSD, variables: Any) -> str:
+    """'P priors, N.NM params, G.G GMAC/img' of `model`."""
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    return (f"{model.num_priors} priors, {n / 1e6:.1f}M params, "
+            f"{models.flops_per_image(model) / 1e9:.2f} GMAC/img")
+
+
+def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
+               ) -> tuple[float, float, str]:
+    """(forward, train step) seconds per call of our model `name`, and its description."""
     config = voc_train_config(name, dtype_name)
     model = train_lib.create_model(config, NUM_CLASSES)
     size = model.prior_spec.image_size
@@ -86,6 +100,7 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict) -> tuple[fl
 
     plain = model.with_bn_axis_name(None)  # the forward runs outside shard_map
     variables = models.init_variables(plain, jax.random.key(0))
+    about = describe(plain, variables)
     fwd = jax.jit(lambda v, x: plain.apply(v, x))
     dev_images = jax.device_put(images)
     t_fwd = time_jax(lambda: fwd(variables, dev_images), **timing)
@@ -101,25 +116,26 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict) -> tuple[fl
         return metrics["loss"]
 
     t_step = time_jax(run_step, **timing)
-    return t_fwd, t_step
+    return t_fwd, t_step, about
 
 
-def _time_torchvision(batch: int, bf16: bool, timing: dict) -> tuple[float, float]:
-    """(forward, train step) seconds per call of torchvision's ssd300_vgg16."""
+def _time_torchvision(name: str, batch: int, bf16: bool, timing: dict) -> tuple[float, float]:
+    """(forward, train step) seconds per call of torchvision's peer of our model `name`."""
     import torch
     import torchvision
 
+    builder, size = PEERS[name]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = torchvision.models.detection.ssd300_vgg16(
+    model = getattr(torchvision.models.detection, builder)(
         weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device)
-    images_np, boxes_np, labels_np = _synthetic(batch, 300)
+    images_np, boxes_np, labels_np = _synthetic(batch, size)
     images = torch.from_numpy(images_np).permute(0, 3, 1, 2).float().div(255).to(device)
     image_list = list(images)
     targets = []
     for b, lab in zip(boxes_np, labels_np, strict=True):
         keep = lab > 0
-        targets.append({"boxes": torch.from_numpy(b[keep] * 300).to(device),
+        targets.append({"boxes": torch.from_numpy(b[keep] * size).to(device),
                         "labels": torch.from_numpy(lab[keep]).long().to(device)})
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
 
@@ -149,7 +165,8 @@ def _time_torchvision(batch: int, bf16: bool, timing: dict) -> tuple[float, floa
 
 
 def run(args: Any) -> list[Row]:
-    """Forward and train-step rows for every (batch, dtype) asked for, with the peer's SSD300."""
+    """Forward and train-step rows for every (batch, dtype) and model asked for, with the
+    torchvision peers."""
     quick = getattr(args, "quick", False)
     on_cpu = jax.devices()[0].platform == "cpu"
     batches = int_items(getattr(args, "model_batch", None), "model_batch") or (
@@ -173,23 +190,23 @@ def _run_one(args: Any, names: list[str], batch: int, dtype_name: str, quick: bo
               else dict(warmup=2, min_time=2.0, min_iters=3))
     tag = f"b={batch} {dtype_name}"
 
-    ours = {name: _time_ours(name, batch, dtype_name, timing) for name in names}
-    peer = (None, None)
-    if getattr(args, "peer", True) and "ssd300_vgg16" in names:
-        try:
-            peer = _time_torchvision(batch, dtype_name == "bf16", timing)
-        except ImportError as e:
-            print(f"(torchvision peer skipped: {e})")
-
     rows = []
-    for name, (t_fwd, t_step) in ours.items():
-        is_ssd300 = name == "ssd300_vgg16"
+    ssd300_step = None
+    for name in names:
+        t_fwd, t_step, about = _time_ours(name, batch, dtype_name, timing)
+        peer = (None, None)
+        if getattr(args, "peer", True) and name in PEERS:
+            try:
+                peer = _time_torchvision(name, batch, dtype_name == "bf16", timing)
+            except ImportError as e:
+                print(f"(torchvision peer skipped: {e})")
         note = ""
-        if not is_ssd300 and "ssd300_vgg16" in ours:
-            ratio = ours["ssd300_vgg16"][1] / t_step
-            note = f"train step {ratio:.0f}x cheaper per image than SSD300"
+        if name == "ssd300_vgg16":
+            ssd300_step = t_step
+        elif ssd300_step is not None:
+            note = f"train step {ssd300_step / t_step:.1f}x SSD300's images/s"
         rows.append(Row(f"model/forward {name} {tag}", batch / t_fwd,
-                        batch / peer[0] if is_ssd300 and peer[0] else None))
+                        batch / peer[0] if peer[0] else None, note=about))
         rows.append(Row(f"model/train_step {name} {tag}", batch / t_step,
-                        batch / peer[1] if is_ssd300 and peer[1] else None, note=note))
+                        batch / peer[1] if peer[1] else None, note=note))
     return rows

@@ -322,3 +322,29 @@ def test_freeze_bn_from_the_config():
     lite.dtype = "float32"
     model = train_lib.create_model(lite, 81)
     assert not model.freeze_bn and model.backbone.axis_name == model.head.axis_name == "data"
+
+
+@pytest.mark.parametrize("k, stride, dilation", [(3, 1, 1), (5, 2, 1), (3, 2, 2), (5, 1, 1)])
+def test_depthwise_conv_equals_grouped_conv(k, stride, dilation):
+    """layers.DepthwiseConv (shifted multiply-adds) == nn.Conv(feature_group_count=C): same
+    params (layout and init), outputs and gradients, odd and even inputs, strides, dilation."""
+    import flax.linen as nn
+
+    from ssd_jax.backbones.layers import DepthwiseConv
+
+    p = (k - 1) // 2 * dilation
+    ours = DepthwiseConv(k, stride, dilation, p)
+    ref = nn.Conv(6, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+                  kernel_dilation=(dilation, dilation), feature_group_count=6, use_bias=False,
+                  kernel_init=ours.kernel_init)
+    for size in (9, 10):
+        x = jnp.asarray(np.random.default_rng(size).normal(size=(2, size, size, 6)), jnp.float32)
+        v_ours = ours.init(jax.random.key(0), x)
+        v_ref = ref.init(jax.random.key(0), x)
+        np.testing.assert_array_equal(v_ours["params"]["kernel"], v_ref["params"]["kernel"])
+        out = ours.apply(v_ours, x)
+        np.testing.assert_allclose(out, ref.apply(v_ref, x), rtol=1e-5, atol=1e-5)
+        g_ours = jax.grad(lambda v, x: jnp.sum(ours.apply(v, x) ** 2), argnums=(0, 1))(v_ours, x)
+        g_ref = jax.grad(lambda v, x: jnp.sum(ref.apply(v, x) ** 2), argnums=(0, 1))(v_ref, x)
+        for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

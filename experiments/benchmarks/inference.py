@@ -16,7 +16,7 @@ outputs float32) and the peer under `torch.autocast(bfloat16)`.
 
 SSDLite320 is timed the same way against torchvision's ssdlite320_mobilenet_v3_large (converted
 with `convert.from_torchvision_ssdlite`, torchvision's SSDLite settings: score > 0.001, top 300,
-NMS 0.55, 300 per image). ssd300_resnet50 and compact have no torchvision peer: ours only, on
+NMS 0.55, 300 per image). ssd512_vgg16, ssd300_resnet50 and compact have no torchvision peer: ours only, on
 random weights made trained-like the same way (class head scaled, background bias), with
 torchvision's SSD300 settings.
 
@@ -52,6 +52,7 @@ HEAD_SCALE, BACKGROUND_BIAS = 0.3, 12.0  # trained-like class head (background d
 #: count, the same for ours and the peer).
 INFERENCE_MODELS = {
     "ssd300_vgg16": ("SSD300", "ssd300_vgg16", HEAD_SCALE, BACKGROUND_BIAS),
+    "ssd512_vgg16": ("SSD512", None, HEAD_SCALE, BACKGROUND_BIAS),
     "ssdlite320_mobilenet_v3": ("SSDLite320", "ssdlite320_mobilenet_v3_large", 40.0, 4.0),
     "ssd300_resnet50": ("SSD300-ResNet50", None, 0.15, BACKGROUND_BIAS),
     "compact": ("compact", None, 0.15, BACKGROUND_BIAS),

@@ -7,8 +7,8 @@ negative mining, value + grad, SGD momentum + weight decay, state donated) with 
 (`voc_train_config`), on synthetic data already on the device. The peer is torchvision's
 ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and the train step
 `model(images, targets)` loss + backward + SGD. The peer of ssdlite320_mobilenet_v3 is
-torchvision's ssdlite320_mobilenet_v3_large (320 px), timed the same way; ssd300_resnet50 and the
-compact model have none (torchvision ships neither), and their rows note their cost relative to
+torchvision's ssdlite320_mobilenet_v3_large (320 px), timed the same way; ssd512_vgg16,
+ssd300_resnet50 and the compact model have none (torchvision ships neither), and their rows note their cost relative to
 SSD300 when it runs too. Each forward row notes the model's priors, parameters and multiply-adds
 per image (`models.flops_per_image`).
 
@@ -27,7 +27,8 @@ from experiments.benchmarks.common import Row, dtype_items, int_items, items, ti
 from ssd_jax import models, train_lib
 from ssd_jax.errors import UserError
 
-MODEL_NAMES = ("ssd300_vgg16", "ssdlite320_mobilenet_v3", "ssd300_resnet50", "compact")
+MODEL_NAMES = ("ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3", "ssd300_resnet50",
+               "compact")
 #: Our model -> (torchvision.models.detection builder, its input side): the peers.
 PEERS = {"ssd300_vgg16": ("ssd300_vgg16", 300),
          "ssdlite320_mobilenet_v3": ("ssdlite320_mobilenet_v3_large", 320)}

@@ -271,9 +271,9 @@ def from_torchvision_detector(state_dict: StateDict, dtype: Any = jnp.float32
     its keys -> (its name, our SSD, variables). StateDictError for anything else."""
     name = torchvision_detector_name(state_dict)
     if name is None:
-        sample = ", ".join(list(state_dict)[:3]) or "no keys"
-        raise StateDictError(f"not a torchvision ssd300_vgg16 or ssdlite320_mobilenet_v3_large "
-                             f"state dict (keys: {sample}, ...)")
+        sample = ", ".join(list(state_dict)[:3]) or "none"
+        raise StateDictError(f"its keys ({sample}, ...) are neither ssd300_vgg16's nor "
+                             f"ssdlite320_mobilenet_v3_large's")
     model, variables = TORCHVISION_DETECTORS[name][1](state_dict, dtype=dtype)
     return name, model, variables
 

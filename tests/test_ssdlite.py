@@ -150,7 +150,8 @@ def test_bad_ssdlite_state_dict_names_the_key(tv_lite):
     with pytest.raises(convert.StateDictError, match=r"backbone\.extra\.2\.1\.1\.running_var.*"
                        r"\(7,\).*\(128,\)"):
         convert.from_torchvision_ssdlite(bad)
-    with pytest.raises(convert.StateDictError, match="not a torchvision ssd300_vgg16 or ssdlite"):
+    with pytest.raises(convert.StateDictError,
+                       match=r"its keys \(fc\.weight, \.\.\.\) are neither ssd300_vgg16's"):
         convert.from_torchvision_detector({"fc.weight": np.zeros((2, 2), np.float32)})
 
 

@@ -8,9 +8,9 @@ negative mining, value + grad, SGD momentum + weight decay, state donated) with 
 ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and the train step
 `model(images, targets)` loss + backward + SGD. The peer of ssdlite320_mobilenet_v3 is
 torchvision's ssdlite320_mobilenet_v3_large (320 px), timed the same way; ssd512_vgg16,
-ssd300_resnet50 and the compact model have none (torchvision ships neither), and their rows note their cost relative to
-SSD300 when it runs too. Each forward row notes the model's priors, parameters and multiply-adds
-per image (`models.flops_per_image`).
+ssd300_resnet50 and the compact model have none (torchvision ships none of them), and their
+rows note their cost relative to SSD300 when it runs too. Each forward row notes the model's
+priors, parameters and multiply-adds per image (`models.flops_per_image`).
 
     python -m experiments.benchmark --suite=model [--model_batch=8] [--dtype=bf16] [--nopeer]
 """

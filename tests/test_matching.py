@@ -87,3 +87,45 @@ def test_padding_rows_never_match_and_padding_amount_is_irrelevant():
     b = matching.match_batch(boxes, labels, PRIORS)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def test_prior_at_exactly_the_threshold_is_positive():
+    """IoU >= threshold is positive (the paper; torchvision's Matcher drops only IoU < low).
+
+    Every IoU below is exactly representable: against the ground truth [0, 0, 1, 1], prior 1
+    ([0, 0, 0.5, 1]) has IoU exactly 0.5 and prior 2 ([0, 0, 0.5, 0.75]) exactly 0.375. Prior 0
+    equals the ground truth, so rule 1 (the forced best prior) is prior 0 and priors 1-2 depend on
+    rule 2 alone. A strict `>` would make prior 1 background.
+    """
+    corners = np.array([[0, 0, 1, 1], [0, 0, 0.5, 1], [0, 0, 0.5, 0.75], [0.5, 0, 1, 1]],
+                       np.float32)
+    pri = np.asarray(box_ops.corners_to_centers(corners))
+    np.testing.assert_array_equal(np.asarray(box_ops.centers_to_corners(pri)), corners)
+    gt = np.array([[[0, 0, 1, 1], [0, 0, 0, 0]]], np.float32)
+    labels = np.array([[3, 0]], np.int32)
+    iou = np.asarray(box_ops.iou(gt[0, :1], corners))[0]
+    np.testing.assert_array_equal(iou, [1.0, 0.5, 0.375, 0.5])
+    for threshold, expected in [(0.5, [3, 3, 0, 3]), (0.375, [3, 3, 3, 3]), (0.51, [3, 0, 0, 0])]:
+        cls, _ = jax.jit(matching.match_batch, static_argnums=(3,))(gt, labels, pri, threshold)
+        np.testing.assert_array_equal(np.asarray(cls)[0], expected, err_msg=f"at {threshold}")
+        ref = SSDMatcher(threshold)(torchvision.ops.box_iou(torch.from_numpy(gt[0, :1]),
+                                                            torch.from_numpy(corners)))
+        np.testing.assert_array_equal((ref.numpy() >= 0) * 3, expected)
+
+
+def test_ties_go_to_the_lowest_index_like_torch():
+    """Two ground truths with the same IoU at a prior: the first one wins (torch.max's rule), and
+    a ground truth whose best IoU is shared by two priors forces the first of them."""
+    corners = np.array([[0, 0, 0.5, 1], [0.5, 0, 1, 1], [0.25, 0, 0.75, 1]], np.float32)
+    pri = np.asarray(box_ops.corners_to_centers(corners))
+    # gt 0 = left half + middle: IoU 0.5 with priors 0 and 2 (tie for its best prior);
+    # gt 1 = the whole square: IoU 0.5 with each prior.
+    gt = np.array([[[0, 0, 0.75, 1], [0, 0, 1, 1]]], np.float32)
+    labels = np.array([[1, 2]], np.int32)
+    iou = np.asarray(box_ops.iou(gt[0], corners))
+    np.testing.assert_array_equal(iou, np.float32([[2 / 3, 0.25, 2 / 3], [0.5, 0.5, 0.5]]))
+    cls, _ = matching.match_batch(gt, labels, pri, 0.5)
+    ref = SSDMatcher(0.5)(torchvision.ops.box_iou(torch.from_numpy(gt[0]), torch.from_numpy(corners)))
+    assert (ref.numpy() >= 0).all()
+    expected = labels[0][ref.numpy()]
+    np.testing.assert_array_equal(np.asarray(cls)[0], expected)

@@ -232,3 +232,21 @@ def test_routes_at_their_limits(max_priors, top_k):
                                                  max_candidate_priors=max_priors))
     assert_matches_torchvision(fn(logits, offsets),
                                torchvision_detect(logits, offsets, pri, top_k=top_k))
+
+
+@pytest.mark.parametrize("tile", [1, 2, 8])
+def test_nms_keeps_a_box_at_exactly_the_threshold(tile):
+    """Suppression needs IoU > threshold (torchvision's nms): a box at exactly the threshold stays.
+
+    IoUs are exact in float32: [0, 0, 0.5, 1] against [0, 0, 1, 1] is 0.5, [0, 0, 0.75, 1] is 0.75.
+    Tile 1 puts every pair in different tiles, tile 8 all in one (both comparisons of nms_padded).
+    """
+    boxes = np.array([[[0, 0, 1, 1], [0, 0, 0.5, 1], [0, 0, 0.75, 1], [0.5, 0, 1, 1]]], np.float32)
+    valid = np.ones((1, 4), bool)
+    for threshold, expected in [(0.5, [1, 1, 0, 1]), (0.4999, [1, 0, 0, 0]), (0.75, [1, 1, 1, 1])]:
+        got = postprocess.nms_padded(boxes, valid, threshold, tile_size=tile)
+        np.testing.assert_array_equal(np.asarray(got)[0], np.array(expected, bool),
+                                      err_msg=f"threshold {threshold}")
+        scores = torch.arange(4, 0, -1, dtype=torch.float32)
+        ref = torch.ops.torchvision.nms(torch.from_numpy(boxes[0]), scores, threshold)
+        assert sorted(ref.tolist()) == list(np.nonzero(expected)[0])

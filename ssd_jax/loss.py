@@ -18,6 +18,19 @@ def _smooth_l1(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
 
 
+def softmax_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """-log softmax(logits)[label]: logits float32 [..., C], labels int [...] -> float32 [...].
+
+    Written as logsumexp(logits) minus the label's logit picked by a one-hot select, not as a
+    gather from log_softmax: the gather's gradient is a scatter, and the [B, P, C] log-softmax is
+    one more array the size of the logits. Same values; on a 2-core CPU (batch 32, SSD300 priors,
+    21 classes) value and gradient take about half the time.
+    """
+    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == labels[..., None], logits, 0.0),
+                     axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
 def hard_negative_mask(
     conf_loss: jnp.ndarray, positive: jnp.ndarray, neg_pos_ratio: float
 ) -> jnp.ndarray:
@@ -79,8 +92,7 @@ def multibox_loss(
     cls_targets = cls_targets.astype(jnp.int32)
 
     positive = cls_targets > 0
-    log_probs = jax.nn.log_softmax(cls_logits, axis=-1)
-    ce = -jnp.take_along_axis(log_probs, cls_targets[..., None], axis=-1)[..., 0]  # [B, P]
+    ce = softmax_cross_entropy(cls_logits, cls_targets)  # [B, P]
     negative = hard_negative_mask(jax.lax.stop_gradient(ce), positive, neg_pos_ratio)
 
     conf_sum = jnp.sum(jnp.where(positive | negative, ce, 0.0))

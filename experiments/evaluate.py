@@ -1,6 +1,7 @@
 """Evaluate a training run's checkpoint: metrics, COCO results, a per-class AP table, PR curves.
 
     python -m experiments.evaluate --workdir=RUN_DIR [--out=EVAL_DIR] [--step=N] [--metric=coco]
+    python -m experiments.evaluate --workdir=RUN_DIR --split=test   # synthetic: the held-out split
     python -m experiments.evaluate --workdir=RUN_DIR --config=ssd300_voc
         --config.dataset.data_dir=DIR        # another dataset/split (same classes)
 
@@ -37,6 +38,8 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/eval_<step>).")
     flags.DEFINE_enum("metric", None, list(METRICS), "Metric (default: the run's).")
     flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the run's eval_batch_size).")
+    flags.DEFINE_enum("split", "eval", ["eval", "test"], "The run's eval split, or the held-out "
+                      "test split of synthetic data (the training command's last figure).")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -55,17 +58,19 @@ def main(argv: Sequence[str], config: Any) -> None:
     report = inference.evaluate_run(
         run, dataset_config=None if config is None else config.dataset,
         max_boxes=None if config is None else config.max_boxes, metric=FLAGS.metric,
-        batch_size=FLAGS.batch_size)
+        batch_size=FLAGS.batch_size, split=FLAGS.split)
     if jax.process_index() != 0:
         return
-    out = FLAGS.out or os.path.join(FLAGS.workdir, f"eval_{report['step']}")
+    suffix = "_test" if FLAGS.split == "test" else ""
+    out = FLAGS.out or os.path.join(FLAGS.workdir, f"eval_{report['step']}{suffix}")
     paths = inference.write_eval_report(report, out)
     curves = report["curves"]
     names = report["class_names"][-len(curves["AP"]):]
     title = "AP50 (VOC area)" if report["metric"] == "coco" else "AP"
     print(evaluation.per_class_table(names, curves["AP"], curves["num_gt"], title=title))
     head = "AP" if report["metric"] == "coco" else "mAP"
-    print(f"\n{report['metric']} {head} = {report['metrics'].get(head)} at step {report['step']} "
+    print(f"\n{FLAGS.split} split: {report['metric']} {head} = {report['metrics'].get(head)} "
+          f"at step {report['step']} "
           f"({report['metrics'].get('num_images')} images; input: {report['input']})")
     print(f"wrote {paths['metrics']}, {paths['detections']} and {paths['pr_curves']}")
 

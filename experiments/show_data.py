@@ -46,6 +46,7 @@ def main(argv, config):
     if config.dataset.kind == "synthetic":  # generate only what is drawn
         config.dataset.num_train = min(config.dataset.num_train, FLAGS.num_images)
         config.dataset.num_eval = min(config.dataset.num_eval, FLAGS.num_images)
+        config.dataset.num_test = 0
     train_lib.validate_config(config)
     size = FLAGS.image_size or train_lib.create_model(config, 2).prior_spec.image_size
     data = pipeline.InputPipeline(config.dataset)

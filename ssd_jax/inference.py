@@ -522,9 +522,10 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
 
 def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int | None = None,
                  metric: str | None = None, batch_size: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, split: str = "eval") -> dict[str, Any]:
     """The training loop's evaluation (`evaluation.Evaluator` over the shard_mapped eval step)
-    of a run's checkpoint, on its eval data or `dataset_config` (same classes).
+    of a run's checkpoint, on its eval data or `dataset_config` (same classes); split="test":
+    the held-out test split of synthetic data (what the training command reports last).
 
     Returns {"metrics": the evaluator's result, "step", "metric", "class_names", "curves":
     {"precision", "recall", "AP", "num_gt"} per class (VOC matching at IoU 0.5), "results": COCO
@@ -549,6 +550,10 @@ def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int 
             config.eval_batch_size = int(batch_size)
     train_lib.validate_config(config, purpose="eval")
     data = pipeline.InputPipeline(config.dataset, splits=("eval",))
+    if split not in ("eval", "test"):
+        raise ValueError(f"split must be 'eval' or 'test', got {split!r}")
+    if split == "test":
+        data.source("test")  # ConfigError where the dataset has no held-out test split
     if dataset_config is not None:
         info = data.info()
         if info.num_classes != run.model.num_classes:
@@ -569,7 +574,7 @@ def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int 
     batches = data.eval_iterator(image_size=model.prior_spec.image_size,
                                  batch_size=config.eval_batch_size // n_proc,
                                  max_boxes=config.max_boxes, process_index=jax.process_index(),
-                                 process_count=n_proc)
+                                 process_count=n_proc, split=split)
     evaluator = evaluation.Evaluator(steps.predict_fn(), batches, num_classes=model.num_classes,
                                      metric=config.metric, class_names=class_names,
                                      progress=progress)
@@ -591,7 +596,7 @@ def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int 
     return {"metrics": metrics, "step": run.step, "metric": config.metric,
             "class_names": list(class_names), "curves": curves,
             "results": evaluator.accumulator.coco_results(category_ids),
-            "input": data.summary()}
+            "input": data.summary(), "split": split}
 
 
 def write_eval_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:

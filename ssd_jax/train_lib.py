@@ -699,11 +699,27 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
         stop.restore()
     logging.info("final eval at step %d: %s", max(total, start_step),
                  _summary(last_eval, config.metric))
+    final = f"validation {_summary(last_eval, config.metric)}"
+    if data.has_test_split:
+        test_batches = data.eval_iterator(
+            image_size=size, batch_size=local_eval_batch, max_boxes=config.max_boxes,
+            process_index=jax.process_index(), process_count=n_proc, split="test")
+        tester = evaluation.Evaluator(steps.predict_fn(), test_batches,
+                                      num_classes=info.num_classes, metric=config.metric,
+                                      class_names=info.class_names, num_draw=0)
+        test = tester.run(eval_variables(state))
+        writer.write_scalars(max(total, start_step),
+                             {f"test/{k}": v for k, v in test.items()
+                              if isinstance(v, int | float) and not math.isnan(v)})
+        logging.info("held-out test split at step %d: %s", max(total, start_step),
+                     _summary(test, config.metric))
+        final = f"held-out test {_summary(test, config.metric)}; {final}"
+        last_eval = {**last_eval, "test": test}
     writer.flush()
     elapsed = time.perf_counter() - t_start
     if is_lead:
         warnings = "".join(f"\n  warning: {w}" for w in data.warnings)
-        print(f"\nDone in {_fmt_duration(elapsed)}: {_summary(last_eval, config.metric)}\n"
+        print(f"\nDone in {_fmt_duration(elapsed)}: {final}\n"
               f"  input: {data.summary()}{warnings}\n"
               f"  checkpoints: {manager.directory}\n"
               f"  TensorBoard: tensorboard --logdir {workdir}\n"

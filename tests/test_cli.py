@@ -29,6 +29,7 @@ BIN = os.path.dirname(sys.executable)
 
 #: a tiny run: 16 synthetic 96 px images, batch 4, a progress line per step, no pictures
 TINY = ("--config.dataset.num_train=16", "--config.dataset.num_eval=4",
+        "--config.dataset.num_test=4",
         "--config.dataset.image_size=96", "--config.batch_size=4", "--config.eval_batch_size=4",
         "--config.log_every_steps=1", "--config.warmup_steps=1",
         "--config.num_eval_images_to_draw=0")
@@ -245,6 +246,8 @@ def test_resume_with_a_run_shorter_than_the_checkpoint(tmp_path, trained_workdir
     assert rc == 0, err[-3000:]
     assert "nothing to train; evaluating that checkpoint" in err
     assert "Done in" in out
+    done = out[out.index("Done in"):].splitlines()[0]
+    assert "held-out test voc07 mAP = " in done and "; validation voc07 mAP = " in done, done
 
 
 # ----------------------------------------------------------------------------- mistakes

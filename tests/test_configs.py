@@ -32,6 +32,7 @@ def test_one_step_of_every_config(name, tmp_path, tfds_mock):
         config.dataset.eval_split = "validation"  # what the mock provides for every dataset
     else:
         config.dataset.num_train, config.dataset.num_eval = 8, 4
+        config.dataset.num_test = 0
     state, metrics = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
     assert int(state.step) == 1
     key = "AP" if config.metric == "coco" else "mAP"

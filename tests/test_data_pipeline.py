@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssd_jax.data import pipeline
+from ssd_jax.data import pipeline, sources
+from ssd_jax.errors import ConfigError
 from tests.conftest import dataset_config
 
 S, B, M = 32, 4, 5
@@ -140,3 +141,29 @@ def test_eval_boxes_are_unchanged_by_resize(cfg):
     n = table.row_splits[1]
     np.testing.assert_array_equal(batch["boxes"][0, :n], table.boxes[:n])
     np.testing.assert_array_equal(batch["labels"][0, :n], table.labels[:n])
+
+
+def test_held_out_test_split_has_its_own_seed_and_ids():
+    fields = dict(kind="synthetic", seed=0, num_train=10, num_eval=7, image_size=48, num_test=5,
+                  test_seed=3)
+    cfg = dataset_config(**fields)
+    data = pipeline.InputPipeline(cfg)
+    assert data.has_test_split
+    ids = []
+    for batch in data.eval_iterator(image_size=48, batch_size=4, max_boxes=8, split="test"):
+        ids += [int(i) for i, m in zip(batch["image_id"], batch["mask"]) if m]
+    assert ids == [200_000_000 + i for i in range(5)]
+    test = sources.load_source(cfg, "test")
+    other = sources.load_source(dataset_config(**{**fields, "test_seed": 4}), "test")
+    assert not np.array_equal(test.images, other.images)  # the test seed decides the images
+    assert np.array_equal(sources.load_source(dataset_config(**{**fields, "seed": 9}), "test").images,
+                          test.images)  # and the dataset seed does not
+
+
+def test_only_synthetic_data_has_a_test_split():
+    cfg = dataset_config(kind="coco_json", train_annotations="a.json", train_images=".",
+                         eval_annotations="b.json", eval_images=".")
+    assert not sources.has_test_split(cfg)
+    with pytest.raises(ConfigError, match="only kind=synthetic"):
+        sources.load_source(cfg, "test")
+    assert not sources.has_test_split(dataset_config(kind="synthetic", num_test=0))

@@ -193,6 +193,17 @@ def test_evaluate_matches_training_eval_and_writes_report(trained_run, tmp_path)
         assert png.format == "PNG" and png.size[0] > 200
 
 
+def test_evaluate_the_held_out_test_split_as_training_reported_it(trained_run):
+    workdir, train_metrics = trained_run
+    report = inference.evaluate_run(inference.load_run(workdir), progress=False, split="test")
+    assert report["split"] == "test"
+    test = train_metrics["test"]
+    assert report["metrics"]["num_images"] == test["num_images"] == 8
+    np.testing.assert_allclose(report["metrics"]["mAP"], test["mAP"], rtol=1e-6)
+    ids = {r["image_id"] for r in report["results"]}
+    assert ids and all(i >= 200_000_000 for i in ids)  # the test split's own images
+
+
 def test_evaluate_with_another_dataset_config_checks_the_classes(trained_run):
     workdir, _ = trained_run
     run = inference.load_run(workdir)

@@ -169,9 +169,20 @@ def test_generate_split_layout() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
-        synthetic.generate_example(0, "test", 0)
+        synthetic.generate_example(0, "validation", 0)
     with pytest.raises(ValueError):
         synthetic.generate_example(-1, "train", 0)
+
+
+def test_test_split_is_its_own_stream() -> None:
+    """The held-out split shares no image and no id with train or val, for the same seed."""
+    test = synthetic.generate_split(0, "test", 6, image_size=64)
+    for split in ("train", "val"):
+        other = synthetic.generate_split(0, split, 6, image_size=64)
+        assert not set(test["image_id"]) & set(other["image_id"])
+        for img in test["image"]:
+            assert not any(np.array_equal(img, o) for o in other["image"])
+    assert list(test["image_id"]) == [200_000_000 + i for i in range(6)]
 
 
 def test_render_preview(tmp_path) -> None:

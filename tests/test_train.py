@@ -27,6 +27,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.dataset.num_train = 48
     config.dataset.num_eval = 12
+    config.dataset.num_test = 8
     config.dataset.image_size = 128
     config.batch_size = 8
     config.eval_batch_size = 8
@@ -131,6 +132,9 @@ def test_embedded_default_runs_end_to_end(tmp_path):
     state, metrics = train_lib.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == config.num_train_steps
     assert 0.0 <= metrics["mAP"] <= 1.0
+    # the held-out test split is evaluated once, after training, on its own images
+    assert metrics["test"]["num_images"] == config.dataset.num_test != metrics["num_images"]
+    assert 0.0 <= metrics["test"]["mAP"] <= 1.0
     assert os.path.isdir(tmp_path / "checkpoints" / str(config.num_train_steps))
     assert any(f.endswith(".png") for f in os.listdir(tmp_path / "samples"))
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
@@ -305,6 +309,7 @@ def test_two_processes_train_like_one(tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 _TRAIN_ARGS = ["--config.dataset.num_train=48", "--config.dataset.num_eval=8",
+               "--config.dataset.num_test=8",
                "--config.dataset.image_size=128", "--config.batch_size=8",
                "--config.eval_batch_size=8", "--config.num_train_steps=10",
                "--config.warmup_steps=2", "--config.log_every_steps=1",

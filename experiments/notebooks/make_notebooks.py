@@ -136,6 +136,7 @@ def colab_tpu() -> nbformat.NotebookNode:
              "if SMOKE:\n"
              "    config = default.get_config()\n"
              "    config.dataset.num_train, config.dataset.num_eval = 32, 8\n"
+             "    config.dataset.num_test = 8\n"
              "    config.dataset.image_size = 128\n"
              "    config.batch_size = config.eval_batch_size = 8\n"
              "    config.num_train_steps, config.warmup_steps = 3, 1\n"

@@ -90,6 +90,8 @@ class InputPipeline:
     def source(self, split: str) -> sources.Table | sources.TfdsSource:
         """The source of 'train' or 'eval' (TFDS: one source for both); its repairs are counted
         once, its warnings logged once."""
+        if split == "test" and not sources.has_test_split(self.cfg):
+            return sources.load_source(self.cfg, split)  # the ConfigError that says why
         key = split if sources.field(self.cfg, "kind") != "tfds" else "tfds"
         if key not in self._sources:
             src = sources.load_source(self.cfg, split)
@@ -157,11 +159,18 @@ class InputPipeline:
                                    process_index=process_index, process_count=process_count)
 
     def eval_iterator(self, *, image_size: int, batch_size: int, max_boxes: int,
-                      process_index: int = 0, process_count: int = 1) -> EvalIterator:
-        """Resized (no augmentation) eval batches of this host's share; see `EvalIterator`."""
+                      process_index: int = 0, process_count: int = 1,
+                      split: str = "eval") -> EvalIterator:
+        """Resized (no augmentation) batches of this host's share of the 'eval' split (or of the
+        held-out 'test' split where `has_test_split`); see `EvalIterator`."""
         return _make_eval_iterator(self, image_size=image_size, batch_size=batch_size,
                                    max_boxes=max_boxes, process_index=process_index,
-                                   process_count=process_count)
+                                   process_count=process_count, split=split)
+
+    @property
+    def has_test_split(self) -> bool:
+        """A held-out 'test' split besides 'eval' (synthetic data with num_test > 0)."""
+        return sources.has_test_split(self.cfg)
 
 
 def get_dataset_info(dataset_cfg: Any) -> DatasetInfo:
@@ -450,11 +459,12 @@ class EvalIterator:
 
 
 def _make_eval_iterator(data: InputPipeline, *, image_size: int, batch_size: int, max_boxes: int,
-                        process_index: int, process_count: int) -> EvalIterator:
+                        process_index: int, process_count: int,
+                        split: str = "eval") -> EvalIterator:
     if not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
                          f"{process_count}")
-    src = data.source("eval")
+    src = data.source(split)
     b, size, m = int(batch_size), int(image_size), int(max_boxes)
     if isinstance(src, sources.TfdsSource):
         split = sources.field(data.cfg, "eval_split")

@@ -51,7 +51,8 @@ _BOX_DROPS = {
 }
 #: fields of config.dataset each kind reads (every kind also reads KIND_COMMON)
 KIND_FIELDS = {
-    "synthetic": ("seed", "num_train", "num_eval", "image_size", "cache_dir"),
+    "synthetic": ("seed", "num_train", "num_eval", "num_test", "test_seed", "image_size",
+                  "cache_dir"),
     "tfds": ("name", "data_dir", "train_split", "eval_split", "shuffle_buffer", "use_difficult"),
     "coco_json": ("train_annotations", "train_images", "eval_annotations", "eval_images"),
     "voc_xml": ("root", "train_split", "eval_split", "class_names", "use_difficult"),
@@ -202,6 +203,9 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
         for name in ("num_train", "num_eval", "image_size"):
             if int(field(cfg, name)) < 1:
                 raise ConfigError(f"config.dataset.{name} must be >= 1, got {field(cfg, name)}")
+        for name in ("num_test", "test_seed"):
+            if int(field(cfg, name)) < 0:
+                raise ConfigError(f"config.dataset.{name} must be >= 0, got {field(cfg, name)}")
     elif kind == "tfds":
         need("name", " (e.g. voc/2007+voc/2012 or coco/2017)")
         data_dir = need("data_dir", " (the folder `tfds build NAME --data_dir=DIR` wrote)")
@@ -238,13 +242,15 @@ def _list_dir(path: str) -> set[str]:
 
 
 def synthetic_table(cfg: Any, split: str) -> Table:
-    """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train' or 'eval'."""
+    """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train', 'eval' (the
+    validation split, seed config.dataset.seed) or 'test' (held out, seed config.dataset.test_seed).
+    """
     from ssd_jax.data import synthetic
 
-    seed = int(field(cfg, "seed"))
+    seed = int(field(cfg, "test_seed" if split == "test" else "seed"))
     n = int(field(cfg, f"num_{split}"))
     size = int(field(cfg, "image_size"))
-    syn_split = "train" if split == "train" else "val"
+    syn_split = {"train": "train", "eval": "val", "test": "test"}[split]
     cache_dir = field(cfg, "cache_dir")
     data = None
     cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}.npz") if cache_dir else ""
@@ -588,18 +594,28 @@ def category_ids_of(class_names: tuple[str, ...], tfds_names: tuple[str, ...] = 
 # ------------------------------------------------------------------------------------------
 # entry point
 
+def has_test_split(cfg: Any) -> bool:
+    """Whether config.dataset has a held-out test split besides 'eval': kind=synthetic with
+    num_test > 0. (For the other kinds the eval split is the dataset's own test set.)"""
+    return field(cfg, "kind") == "synthetic" and int(field(cfg, "num_test")) > 0
+
+
 def load_source(cfg: Any, split: str) -> Table | TfdsSource:
-    """The source of `split` ('train' or 'eval') for dataset config `cfg` (config.dataset).
+    """The source of `split` ('train', 'eval', or 'test' where `has_test_split`) for dataset
+    config `cfg` (config.dataset).
 
     Raises ConfigError / DataError / FileNotFoundError naming the field or path when the dataset
     is unusable (a table split without a usable box included). Not cached: the input pipeline
     object (`ssd_jax.data.pipeline.InputPipeline`) holds the sources it built.
     """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    validate_dataset_config(cfg, (split,))
+    if split not in ("train", "eval", "test"):
+        raise ValueError(f"split must be 'train', 'eval' or 'test', got {split!r}")
+    if split == "test" and not has_test_split(cfg):
+        raise ConfigError("only kind=synthetic with config.dataset.num_test > 0 has a 'test' split "
+                          "besides 'eval'; use the eval split")
+    validate_dataset_config(cfg, (split if split != "test" else "eval",))
     kind = field(cfg, "kind")
-    keep_crowd = split == "eval"
+    keep_crowd = split != "train"
     if kind == "synthetic":
         src = synthetic_table(cfg, split)
     elif kind == "coco_json":

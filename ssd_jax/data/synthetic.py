@@ -18,7 +18,8 @@ Conventions (those of every ssd_jax API):
     in padded arrays, "no box".
 
 Randomness: one ``np.random.default_rng(SeedSequence([tag, seed, split_code, index]))`` per example,
-so an example depends on (seed, split, index) only; train and val use different streams. The pixel
+so an example depends on (seed, split, index) only; train, val and test use different streams
+(the training config gives the test split a seed of its own besides: config.dataset.test_seed). The pixel
 noise is a random crop of a constant tile (fixed seed), which is what keeps generation near 3 ms
 per 256x256 image on one core. Thread-safe (scratch buffers are per thread).
 
@@ -40,9 +41,11 @@ CLASS_NAMES: tuple[str, ...] = ("circle", "rectangle", "triangle", "star", "cros
 NUM_CLASSES: int = len(CLASS_NAMES) + 1  # + background (label 0)
 MAX_OBJECTS: int = 8  # padding size of generate_split; an image has 1..MAX_OBJECTS objects
 
-_SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1}
+_SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 _STREAM_TAG = 0x55D5_1A7A  # separates this generator's streams from other users of the same seed
 _VAL_ID_OFFSET = 100_000_000  # image_id = index (train) or _VAL_ID_OFFSET + index (val)
+_TEST_ID_OFFSET = 200_000_000  # image_id = _TEST_ID_OFFSET + index (test)
+_ID_OFFSETS: dict[str, int] = {"train": 0, "val": _VAL_ID_OFFSET, "test": _TEST_ID_OFFSET}
 
 # Geometry limits, as fractions of the image side.
 _MIN_SIZE, _MAX_SIZE = 0.05, 0.70  # longest side of a shape's full (unoccluded) box, log-uniform
@@ -445,7 +448,7 @@ def generate_example_with_masks(
     """
     _check_args(seed, split, index, image_size)
     image, boxes, labels, owner = _render(_rng(seed, split, index), image_size)
-    image_id = index + (_VAL_ID_OFFSET if split == "val" else 0)
+    image_id = index + _ID_OFFSETS[split]
     example = {
         "image": image,
         "boxes": boxes,
@@ -457,11 +460,11 @@ def generate_example_with_masks(
 
 
 def generate_example(seed: int, split: str, index: int, image_size: int = 256) -> dict[str, Any]:
-    """One example, deterministic in (seed, split, index); train and val never share an image.
+    """One example, deterministic in (seed, split, index); no two splits share an image.
 
     Args:
       seed: non-negative dataset seed.
-      split: "train" or "val".
+      split: "train", "val" or "test".
       index: example index in [0, 1e8).
       image_size: side S of the square image.
 
@@ -471,7 +474,8 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 256) -
                 visible pixels of each object (xmin = min_col / S, xmax = (max_col + 1) / S),
        "labels": int32 [N] in 1..NUM_CLASSES-1,
        "difficult": bool [N] (all False),
-       "image_id": int (index for train, 100_000_000 + index for val: unique across splits)},
+       "image_id": int (index for train, 100_000_000 + index for val, 200_000_000 + index for
+                   test: unique across splits)},
       with 1 <= N <= MAX_OBJECTS; objects listed back to front (drawing order).
     """
     return generate_example_with_masks(seed, split, index, image_size)[0]

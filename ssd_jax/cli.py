@@ -303,6 +303,35 @@ def quiet_console() -> None:
         handler.addFilter(_QuietLibraries())
 
 
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of returning it to the OS.
+
+    XLA:CPU allocates every step's temporaries afresh; by default glibc maps each large one
+    (above the mmap threshold) and unmaps it when freed, or trims the heap, so the next step
+    touches new pages: 69 million page faults and 206 s of system time in a 14-minute default run
+    on a 2-core AMD EPYC (a step's temporaries are one buffer of tens of MB). With the mmap
+    threshold at 1 GB and trimming off, the
+    default's training loop ran 80.5 img/s instead of 68 (same losses, peak RSS +0.2 GB, page
+    faults 10.8M -> 0.65M over 1000 steps). The commands call this first; a notebook can too.
+    Returns False where there is no glibc mallopt (macOS, musl): nothing changes there.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, 2**30)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         default_config: str | None = None, argv: Sequence[str] | None = None) -> None:
     """`absl.app.run(main)` with the behaviour of the module docstring.
@@ -312,6 +341,7 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
     `main(argv)`.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    keep_freed_memory()
     argv = list(sys.argv if argv is None else argv)
     debug = _debug_requested(argv)
     if "debug" not in FLAGS:

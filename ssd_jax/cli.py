@@ -314,9 +314,10 @@ def keep_freed_memory() -> bool:
     (above the mmap threshold) and unmaps it when freed, or trims the heap, so the next step
     touches new pages: 69 million page faults and 206 s of system time in a 14-minute default run
     on a 2-core AMD EPYC (a step's temporaries are one buffer of tens of MB). With the mmap
-    threshold at 1 GB and trimming off, the
-    default's training loop ran 80.5 img/s instead of 68 (same losses, peak RSS +0.2 GB, page
-    faults 10.8M -> 0.65M over 1000 steps). The commands call this first; a notebook can too.
+    threshold at 1 GB and trimming off, 1000 steps of the default's loop (4000 images, two
+    interleaved A/B pairs) took 1:57 and 2:07 instead of 2:15 and 2:19 (92-99 and 83-88 img/s
+    instead of 76-82 and 74-86), with the same losses, 0.4M page faults instead of 10.2M and
+    peak RSS +0.1-0.16 GB. The commands call this first; a notebook can too.
     Returns False where there is no glibc mallopt (macOS, musl): nothing changes there.
     """
     import ctypes

@@ -43,8 +43,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.test_seed = 1       # (synthetic) the test images' own seed
     config.dataset.image_size = 192    # (synthetic) side of the generated images
     config.dataset.cache_dir = ""      # (synthetic) folder for an .npz cache of the images; "" = none
-    config.dataset.generate_workers = 0  # (synthetic) processes generating the images; 0 = one per
-                                         # CPU core (same images for any number)
     # kind=tfds: TFDS datasets prepared with `tfds build NAME --data_dir=DIR`.
     config.dataset.name = ""           # (tfds) e.g. "voc/2007+voc/2012" (joined) or "coco/2017"
     config.dataset.data_dir = ""       # (tfds) the folder the TFDS data was prepared in

@@ -52,7 +52,7 @@ _BOX_DROPS = {
 #: fields of config.dataset each kind reads (every kind also reads KIND_COMMON)
 KIND_FIELDS = {
     "synthetic": ("seed", "num_train", "num_eval", "num_test", "test_seed", "image_size",
-                  "cache_dir", "generate_workers"),
+                  "cache_dir"),
     "tfds": ("name", "data_dir", "train_split", "eval_split", "shuffle_buffer", "use_difficult"),
     "coco_json": ("train_annotations", "train_images", "eval_annotations", "eval_images"),
     "voc_xml": ("root", "train_split", "eval_split", "class_names", "use_difficult"),
@@ -203,7 +203,7 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
         for name in ("num_train", "num_eval", "image_size"):
             if int(field(cfg, name)) < 1:
                 raise ConfigError(f"config.dataset.{name} must be >= 1, got {field(cfg, name)}")
-        for name in ("num_test", "test_seed", "generate_workers"):
+        for name in ("num_test", "test_seed"):
             if int(field(cfg, name)) < 0:
                 raise ConfigError(f"config.dataset.{name} must be >= 0, got {field(cfg, name)}")
     elif kind == "tfds":
@@ -258,8 +258,7 @@ def synthetic_table(cfg: Any, split: str) -> Table:
         with tf.io.gfile.GFile(cache, "rb") as f:
             data = dict(np.load(io.BytesIO(f.read())))
     if data is None:
-        workers = int(field(cfg, "generate_workers")) or len(os.sched_getaffinity(0))
-        data = synthetic.generate_split(seed, syn_split, n, image_size=size, num_workers=workers)
+        data = synthetic.generate_split(seed, syn_split, n, image_size=size)
         if cache:
             tf.io.gfile.makedirs(cache_dir)
             buf = io.BytesIO()

@@ -482,13 +482,9 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 256) -
 
 
 def generate_split(
-    seed: int, split: str, num_examples: int, image_size: int = 256, num_workers: int = 1
+    seed: int, split: str, num_examples: int, image_size: int = 256
 ) -> dict[str, np.ndarray]:
     """Examples 0..num_examples-1 of a split, stacked and padded to MAX_OBJECTS boxes.
-
-    With num_workers > 1, contiguous chunks are generated in that many worker processes (spawned:
-    the generator is Python-bound, so threads would share one core); each example depends on
-    (seed, split, index) only, so the result is the same array for any number of workers.
 
     Returns:
       {"image": uint8 [N, S, S, 3],
@@ -497,61 +493,26 @@ def generate_split(
        "num_boxes": int32 [N],
        "image_id": int64 [N]}.
     """
-    _check_args(seed, split, 0, image_size)
-    out = {
-        "image": np.zeros((num_examples, image_size, image_size, 3), np.uint8),
-        "boxes": np.zeros((num_examples, MAX_OBJECTS, 4), np.float32),
-        "labels": np.zeros((num_examples, MAX_OBJECTS), np.int32),
-        "num_boxes": np.zeros((num_examples,), np.int32),
-        "image_id": np.zeros((num_examples,), np.int64),
+    images = np.zeros((num_examples, image_size, image_size, 3), np.uint8)
+    boxes = np.zeros((num_examples, MAX_OBJECTS, 4), np.float32)
+    labels = np.zeros((num_examples, MAX_OBJECTS), np.int32)
+    num_boxes = np.zeros((num_examples,), np.int32)
+    image_ids = np.zeros((num_examples,), np.int64)
+    for i in range(num_examples):
+        ex = generate_example(seed, split, i, image_size)
+        n = ex["labels"].shape[0]
+        images[i] = ex["image"]
+        boxes[i, :n] = ex["boxes"]
+        labels[i, :n] = ex["labels"]
+        num_boxes[i] = n
+        image_ids[i] = ex["image_id"]
+    return {
+        "image": images,
+        "boxes": boxes,
+        "labels": labels,
+        "num_boxes": num_boxes,
+        "image_id": image_ids,
     }
-    workers = max(1, min(int(num_workers), num_examples // _MIN_CHUNK))
-    if workers == 1:
-        _fill(out, 0, _generate_range(seed, split, 0, num_examples, image_size))
-        return out
-    import concurrent.futures
-    import multiprocessing
-
-    # Chunks of a few hundred examples: each result is pickled back (~30 MB at 192 px), and the
-    # parent copies it into place while the workers go on.
-    bounds = np.linspace(0, num_examples, max(workers, num_examples // 400) + 1).astype(int)
-    with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_generate_range, seed, split, int(a), int(b), image_size): int(a)
-                   for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a}
-        for future in concurrent.futures.as_completed(futures):
-            _fill(out, futures[future], future.result())
-    return out
-
-
-_MIN_CHUNK = 200  # fewer examples per worker than this are not worth a process
-
-
-def _generate_range(seed: int, split: str, start: int, stop: int,
-                    image_size: int) -> dict[str, np.ndarray]:
-    """Examples start..stop-1, stacked as `generate_split` returns them."""
-    n = stop - start
-    chunk = {
-        "image": np.zeros((n, image_size, image_size, 3), np.uint8),
-        "boxes": np.zeros((n, MAX_OBJECTS, 4), np.float32),
-        "labels": np.zeros((n, MAX_OBJECTS), np.int32),
-        "num_boxes": np.zeros((n,), np.int32),
-        "image_id": np.zeros((n,), np.int64),
-    }
-    for i in range(n):
-        ex = generate_example(seed, split, start + i, image_size)
-        k = ex["labels"].shape[0]
-        chunk["image"][i] = ex["image"]
-        chunk["boxes"][i, :k] = ex["boxes"]
-        chunk["labels"][i, :k] = ex["labels"]
-        chunk["num_boxes"][i] = k
-        chunk["image_id"][i] = ex["image_id"]
-    return chunk
-
-
-def _fill(out: dict[str, np.ndarray], start: int, chunk: dict[str, np.ndarray]) -> None:
-    for key, value in chunk.items():
-        out[key][start:start + len(value)] = value
 
 
 def render_preview(

@@ -120,8 +120,11 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
     return t_fwd, t_step, about
 
 
-def _time_torchvision(name: str, batch: int, bf16: bool, timing: dict) -> tuple[float, float]:
-    """(forward, train step) seconds per call of torchvision's peer of our model `name`."""
+def _time_torchvision(name: str, batch: int, bf16: bool,
+                      timing: dict) -> tuple[float, float | None]:
+    """(forward, train step) seconds per call of torchvision's peer of our model `name`; the
+    train step is None where torchvision cannot train at this batch (SSDLite at batch 1: its
+    BatchNorm on the 1x1 extra maps raises "Expected more than 1 value per channel")."""
     import torch
     import torchvision
 
@@ -161,7 +164,12 @@ def _time_torchvision(name: str, batch: int, bf16: bool, timing: dict) -> tuple[
         opt.step()
         return loss
 
-    t_step = time_torch(train_step, **timing)
+    try:
+        t_step = time_torch(train_step, **timing)
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        return t_fwd, None
     return t_fwd, t_step
 
 
@@ -206,6 +214,9 @@ def _run_one(args: Any, names: list[str], batch: int, dtype_name: str, quick: bo
             ssd300_step = t_step
         elif ssd300_step is not None:
             note = f"train step {ssd300_step / t_step:.1f}x SSD300's images/s"
+        if peer[0] and peer[1] is None:
+            note = ", ".join(x for x in (note, "torchvision cannot train it at batch 1 (BatchNorm "
+                                         "over one value)") if x)
         rows.append(Row(f"model/forward {name} {tag}", batch / t_fwd,
                         batch / peer[0] if peer[0] else None, note=about))
         rows.append(Row(f"model/train_step {name} {tag}", batch / t_step,

@@ -39,26 +39,14 @@ def match_priors(
     overlaps = box_ops.iou(gt_boxes, box_ops.centers_to_corners(priors))  # [M, P]
     overlaps = jnp.where(valid[:, None], overlaps, -1.0)
 
-    # Rule 2: best ground truth per prior, thresholded; the first index wins ties (as torch.max).
-    # A running maximum over the M rows: elementwise work on [P] vectors, where an argmax over
-    # the short, strided ground-truth axis is a slow variadic reduction on XLA:CPU.
-    best_gt_iou = overlaps[0]
-    best_gt = jnp.zeros(overlaps.shape[1], jnp.int32)
-    for m in range(1, num_gt):
-        better = overlaps[m] > best_gt_iou
-        best_gt_iou = jnp.where(better, overlaps[m], best_gt_iou)
-        best_gt = jnp.where(better, m, best_gt)
+    # Rule 2: best ground truth per prior, thresholded (first index wins ties, as torch.max).
+    best_gt = jnp.argmax(overlaps, axis=0)  # [P]
+    best_gt_iou = jnp.max(overlaps, axis=0)
     matched = best_gt_iou >= iou_threshold
 
-    # Rule 1: each real ground truth forces its best prior (the first of equals); if several share
-    # one, the last wins (deterministic scatter-max over gt indices). The first index of the row
-    # maximum is a float min over the indices (exact below 2**24 priors): a float reduction
-    # vectorizes on XLA:CPU where argmax's (value, index) reduction does not.
-    row_max = jnp.max(overlaps, axis=1)  # [M]
-    index = jnp.arange(overlaps.shape[1], dtype=jnp.float32)
-    best_prior = jnp.stack([
-        jnp.min(jnp.where(overlaps[m] == row_max[m], index, float(overlaps.shape[1])))
-        for m in range(num_gt)]).astype(jnp.int32)  # [M]
+    # Rule 1: each real ground truth forces its best prior; if several share one, the last wins
+    # (deterministic scatter-max over gt indices).
+    best_prior = jnp.argmax(overlaps, axis=1)  # [M]
     gt_index = jnp.where(valid, jnp.arange(num_gt), -1)
     forced = jnp.full(priors.shape[0], -1, jnp.int32).at[best_prior].max(gt_index.astype(jnp.int32))
     best_gt = jnp.where(forced >= 0, forced, best_gt)

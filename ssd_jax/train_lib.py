@@ -628,9 +628,7 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
 
     def run_eval(step: int) -> dict[str, Any]:
         result = evaluator.run(eval_variables(state))
-        scalars = {f"eval/{k}": v for k, v in result.items()
-                   if isinstance(v, int | float) and not math.isnan(v)}
-        writer.write_scalars(step, scalars)
+        writer.write_scalars(step, _scalars(result, "eval"))
         report_input(step)
         samples = evaluator.samples
         if samples is not None and is_lead:
@@ -708,9 +706,7 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
                                       num_classes=info.num_classes, metric=config.metric,
                                       class_names=info.class_names, num_draw=0)
         test = tester.run(eval_variables(state))
-        writer.write_scalars(max(total, start_step),
-                             {f"test/{k}": v for k, v in test.items()
-                              if isinstance(v, int | float) and not math.isnan(v)})
+        writer.write_scalars(max(total, start_step), _scalars(test, "test"))
         logging.info("held-out test split at step %d: %s", max(total, start_step),
                      _summary(test, config.metric))
         final = f"held-out test {_summary(test, config.metric)}; {final}"
@@ -737,6 +733,12 @@ def _check_finite_then_save(manager: ocp.CheckpointManager, state: TrainState, s
             f"parameters became non-finite by step {step}; not saving: "
             f"{_last_checkpoint(manager)}.")
     save_checkpoint(manager, state)
+
+
+def _scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The finite number entries of an evaluator's result, as TensorBoard scalars PREFIX/name."""
+    return {f"{prefix}/{k}": v for k, v in result.items()
+            if isinstance(v, int | float) and not math.isnan(v)}
 
 
 def _summary(result: dict[str, Any], metric: str) -> str:

@@ -333,6 +333,27 @@ def keep_freed_memory() -> bool:
         mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+#: XLA:CPU runs convolutions with YNNPACK by default; Eigen's convolutions use both cores of a
+#: small CPU far better (see `prefer_eigen_convolutions`).
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def prefer_eigen_convolutions() -> bool:
+    """Have XLA:CPU run convolutions with Eigen instead of YNNPACK (appends to XLA_FLAGS).
+
+    YNNPACK splits each convolution between the cores but left them idle half the time: the
+    default's train step (compact model, batch 8) ran at 90-101 img/s with 143% CPU on a 2-core
+    AMD EPYC, and at 124-138 img/s with 190% CPU with Eigen's convolutions (interleaved A/B,
+    300 steps each). Effective only before JAX starts its CPU backend; a flag the user already set
+    for `xla_cpu_experimental_ynn_fusion_type` wins. Returns whether the flag is in XLA_FLAGS.
+    """
+    current = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in current:
+        return _YNN_FLAG in current.split()
+    os.environ["XLA_FLAGS"] = f"{current} {_YNN_FLAG}".strip()
+    return True
+
+
 def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         default_config: str | None = None, argv: Sequence[str] | None = None) -> None:
     """`absl.app.run(main)` with the behaviour of the module docstring.
@@ -343,6 +364,7 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     keep_freed_memory()
+    prefer_eigen_convolutions()
     argv = list(sys.argv if argv is None else argv)
     debug = _debug_requested(argv)
     if "debug" not in FLAGS:

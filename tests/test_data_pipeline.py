@@ -167,3 +167,18 @@ def test_only_synthetic_data_has_a_test_split():
     with pytest.raises(ConfigError, match="only kind=synthetic"):
         sources.load_source(cfg, "test")
     assert not sources.has_test_split(dataset_config(kind="synthetic", num_test=0))
+
+
+def test_synthetic_info_comes_from_the_config_without_generating(cfg, monkeypatch):
+    # training compiles its steps between info() and the first read of the images
+    tables = {split: sources.synthetic_table(cfg, split) for split in ("train", "eval")}
+
+    def refuse(cfg, split):
+        raise AssertionError(f"info() generated the {split} split")
+
+    monkeypatch.setattr(sources, "synthetic_table", refuse)
+    info = pipeline.InputPipeline(cfg).info()
+    assert info.class_names == tables["train"].class_names
+    assert info.category_ids == tuple(tables["train"].category_ids)
+    assert info.num_classes == len(tables["train"].class_names) + 1
+    assert (info.num_train, info.num_eval) == (len(tables["train"]), len(tables["eval"])) == (10, 7)

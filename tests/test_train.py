@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import socket
@@ -127,9 +128,32 @@ def test_loss_falls_when_overfitting_a_fixed_batch():
     assert all(b < a for a, b in zip(quarters, quarters[1:])), quarters
 
 
-def test_embedded_default_runs_end_to_end(tmp_path):
+def test_embedded_default_runs_end_to_end(tmp_path, monkeypatch):
+    from ssd_jax.data import sources
+
     config = tiny_config()
-    state, metrics = train_lib.train_and_evaluate(config, str(tmp_path))
+    events = []  # compiles of the steps and generations of the synthetic splits, in order
+    table = sources.synthetic_table
+    monkeypatch.setattr(sources, "synthetic_table",
+                        lambda cfg, split: events.append(f"generate {split}") or table(cfg, split))
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            for step in ("train_step", "eval_step"):
+                if record.getMessage().startswith(f"Compiling jit({step})"):
+                    events.append(f"compile {step}")
+
+    handler = Compiles(logging.WARNING)
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles():
+            state, metrics = train_lib.train_and_evaluate(config, str(tmp_path))
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    # each step compiles once, before any image is generated (their compile memory is returned
+    # to the OS before the images arrive: the default's peak RSS)
+    assert events[:2] == ["compile train_step", "compile eval_step"], events
+    assert sorted(events[2:]) == ["generate eval", "generate test", "generate train"], events
     assert int(state.step) == config.num_train_steps
     assert 0.0 <= metrics["mAP"] <= 1.0
     # the held-out test split is evaluated once, after training, on its own images

@@ -120,6 +120,14 @@ class InputPipeline:
         """Classes, ids and sizes of the dataset (num_eval None if unknown)."""
         if self._info is not None:
             return self._info
+        if sources.field(self.cfg, "kind") == "synthetic":
+            # From the config: the images are generated when a split is first read, which lets
+            # training compile its steps before 1.8 GB of images are in memory.
+            names, category_ids = sources.synthetic_classes()
+            num_train = int(sources.field(self.cfg, "num_train")) if "train" in self.splits else None
+            self._info = DatasetInfo(len(names) + 1, names, num_train,
+                                     int(sources.field(self.cfg, "num_eval")), category_ids)
+            return self._info
         train = self.source("train" if "train" in self.splits else "eval")
         if isinstance(train, sources.TfdsSource):
             num_train = train.num_examples(sources.field(self.cfg, "train_split"))

@@ -241,6 +241,14 @@ def _list_dir(path: str) -> set[str]:
 # synthetic
 
 
+def synthetic_classes() -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The synthetic dataset's class names and their ids (1..6), known without generating it."""
+    from ssd_jax.data import synthetic
+
+    names = tuple(synthetic.CLASS_NAMES)
+    return names, tuple(range(1, len(names) + 1))
+
+
 def synthetic_table(cfg: Any, split: str) -> Table:
     """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train', 'eval' (the
     validation split, seed config.dataset.seed) or 'test' (held out, seed config.dataset.test_seed).
@@ -265,13 +273,13 @@ def synthetic_table(cfg: Any, split: str) -> Table:
             np.savez(buf, **data)
             with tf.io.gfile.GFile(cache, "wb") as f:
                 f.write(buf.getvalue())
-    names = tuple(synthetic.CLASS_NAMES)
+    names, category_ids = synthetic_classes()
     builder = _TableBuilder(keep_crowd=True)
     for i in range(n):
         k = int(data["num_boxes"][i])
         builder.add(int(data["image_id"][i]), "", data["boxes"][i, :k], data["labels"][i, :k])
     table = builder.build(names, what=f"synthetic {split}")
-    table.category_ids = tuple(range(1, len(names) + 1))
+    table.category_ids = category_ids
     table.paths = None
     table.images = np.ascontiguousarray(data["image"])
     return table

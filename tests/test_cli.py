@@ -404,3 +404,20 @@ def test_show_data_generates_only_the_images_it_draws(tmp_path):
     assert all(n <= 4 for n in asked), f"generated {asked} images to draw 4"
     assert elapsed < 120, f"show_data took {elapsed:.0f} s"
 
+
+
+def test_prefer_eigen_convolutions_appends_once_and_keeps_the_users_choice(monkeypatch):
+    from ssd_jax import cli
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert cli.prefer_eigen_convolutions()
+    assert cli.prefer_eigen_convolutions()  # a second call adds nothing
+    assert os.environ["XLA_FLAGS"].split() == [
+        "--xla_cpu_enable_fast_math=false",
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's own
+    assert not cli.prefer_eigen_convolutions()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    monkeypatch.delenv("XLA_FLAGS")
+    assert cli.prefer_eigen_convolutions()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"

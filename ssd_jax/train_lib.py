@@ -312,26 +312,30 @@ class Steps:
 
 
 def make_eval_steps(config: ml_collections.ConfigDict, model: models.SSD,
-                    mesh: jax.sharding.Mesh | None = None) -> Steps:
-    """The shard_mapped eval step alone (no optimizer): evaluation of a saved checkpoint."""
+                    mesh: jax.sharding.Mesh | None = None,
+                    compiler_options: dict[str, Any] | None = None) -> Steps:
+    """The shard_mapped eval step alone (no optimizer): evaluation of a saved checkpoint.
+    `compiler_options` go to `jax.jit` (tests compile unoptimized: {"xla_backend_optimization_level": 0})."""
     mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",))
     prior_boxes = priors.generate_priors(model.prior_spec)
     evaluate = jax.shard_map(
         functools.partial(eval_step, model=model, prior_boxes=prior_boxes, config=config),
         mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
-    return Steps(mesh=mesh, train=None, eval=jax.jit(evaluate),
+    return Steps(mesh=mesh, train=None, eval=jax.jit(evaluate, compiler_options=compiler_options),
                  replicated=NamedSharding(mesh, P()), data=NamedSharding(mesh, P("data")))
 
 
 def make_steps(config: ml_collections.ConfigDict, model: models.SSD,
-               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None) -> Steps:
+               tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None,
+               compiler_options: dict[str, Any] | None = None) -> Steps:
     """shard_map the per-device steps over a Mesh of all devices of all processes."""
-    steps = make_eval_steps(config, model, mesh)
+    steps = make_eval_steps(config, model, mesh, compiler_options)
     prior_boxes = priors.generate_priors(model.prior_spec)
     train = jax.shard_map(
         functools.partial(train_step, model=model, tx=tx, prior_boxes=prior_boxes, config=config),
         mesh=steps.mesh, in_specs=(P(), P("data")), out_specs=(P(), P()))
-    return dataclasses.replace(steps, train=jax.jit(train, donate_argnums=0))
+    return dataclasses.replace(steps, train=jax.jit(train, donate_argnums=0,
+                                                    compiler_options=compiler_options))
 
 
 def compile_steps(steps: Steps, state: TrainState, config: ml_collections.ConfigDict,

@@ -4,6 +4,7 @@ The paper configs read VOC/COCO through TFDS, here `tfds.testing.mock_data`; the
 models (SSD300/SSD512 VGG16), optimizer (SGD, piecewise schedule with warmup) and metric.
 """
 
+import functools
 import importlib
 import math
 
@@ -17,7 +18,11 @@ CONFIGS = ["default", "ssd300_voc", "ssd512_voc", "ssd300_coco", "ssdlite320_coc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
-def test_one_step_of_every_config(name, tmp_path, tfds_mock):
+def test_one_step_of_every_config(name, tmp_path, tfds_mock, monkeypatch):
+    # one step runs: compile without XLA's backend optimizations (SSDLite's train step: 37 s -> a
+    # few; the suite has a 15-minute budget)
+    monkeypatch.setattr(train_lib, "make_steps", functools.partial(
+        train_lib.make_steps, compiler_options={"xla_backend_optimization_level": 0}))
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     config.num_train_steps = 1
     config.batch_size = 2

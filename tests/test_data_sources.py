@@ -196,10 +196,12 @@ def test_voc_class_names_from_config(voc_dir):
 def test_synthetic_source_and_cache(tmp_path):
     cfg = dataset_config(kind="synthetic", seed=3, num_train=6, num_eval=4, image_size=48,
                          cache_dir=str(tmp_path))
-    info = pipeline.get_dataset_info(cfg)
+    info = pipeline.get_dataset_info(cfg)  # from the config: generates nothing
     assert info.num_train == 6 and info.num_eval == 4 and info.num_classes == 7
-    assert len(list(tmp_path.glob("*.npz"))) == 2
+    assert not list(tmp_path.glob("*.npz"))
     table = sources.load_source(cfg, "train")
+    sources.load_source(cfg, "eval")
+    assert len(list(tmp_path.glob("*.npz"))) == 2
     assert table.images.shape == (6, 48, 48, 3)
     assert (table.labels >= 1).all() and (table.labels < info.num_classes).all()
     again = sources.load_source(cfg, "train")  # from the .npz cache (no in-memory cache)

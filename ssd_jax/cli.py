@@ -307,6 +307,19 @@ def quiet_console() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def _glibc(name: str, argtypes: list[Any]) -> Any:
+    """The C library's function `name` (returning int), or None where it has none (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
 def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory for reuse instead of returning it to the OS.
 
@@ -321,14 +334,10 @@ def keep_freed_memory() -> bool:
     Returns False where there is no glibc mallopt (macOS, musl): nothing changes there.
     """
     import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, 2**30)) and bool(
         mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
@@ -339,13 +348,10 @@ def release_freed_memory() -> bool:
     steps (XLA's compile leaves ~0.5 GB of freed heap) and before it loads the data. Returns
     False where there is no glibc malloc_trim."""
     import ctypes
-    import ctypes.util
 
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
         return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
 

@@ -237,8 +237,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
     """One SGD step on this device's shard of the batch (runs inside shard_map over "data").
 
     batch: "image" uint8 [b,S,S,3], "boxes" float32 [b,M,4] normalized corners, "labels" int32
-    [b,M] (0 = padding). Returns the new (replicated) state and metrics summed over the global batch.
+    [b,M] (0 = padding). With config.dataset.augment_on_device the images are canvases uint8
+    [b,C,C,3] with "image_size" int32 [b,2] and "index" uint32 [b], augmented here first
+    (`augment_on_device`). Returns the new (replicated) state and metrics summed over the global
+    batch.
     """
+    if config.dataset.augment_on_device:
+        batch = augment_on_device(batch, state.rng, config, model.prior_spec.image_size)
     cls_t, box_t = matching.match_batch(batch["boxes"], batch["labels"], prior_boxes,
                                         config.matching_iou)
 
@@ -261,6 +266,38 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
     return new_state, metrics
+
+
+def augment_on_device(batch: dict[str, jax.Array], rng: jax.Array,
+                      config: ml_collections.ConfigDict, image_size: int) -> dict[str, jax.Array]:
+    """The paper's augmentation of a canvas batch inside the train step (`ssd_jax.augment`): each
+    example's key is the run's key (`rng`, key data) folded with the example's global index, so
+    the batch does not depend on the device or process count, and a resumed run repeats it."""
+    from ssd_jax import augment
+
+    d = config.dataset
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), _AUGMENT_STREAM)
+    images, boxes, labels = augment.augment_batch(
+        augment.example_keys(key, batch["index"]), batch["image"], batch["image_size"],
+        batch["boxes"], batch["labels"], out_size=image_size, photometric=d.augment_photometric,
+        expand=d.augment_expand, max_expand=d.max_expand, crop=d.augment_crop,
+        flip=d.augment_flip)
+    return {"image": images, "boxes": boxes, "labels": labels}
+
+
+_AUGMENT_STREAM = 0xA06  # separates the augmentation keys from any other use of the run's key
+
+
+def train_batch_spec(config: ml_collections.ConfigDict, image_size: int
+                     ) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """(shape, dtype) of each field of the global training batch the loop feeds `train`."""
+    b, m = config.batch_size, config.max_boxes
+    spec = {"boxes": ((b, m, 4), jnp.float32), "labels": ((b, m), jnp.int32)}
+    if config.dataset.augment_on_device:
+        c = config.dataset.canvas_size
+        return {"image": ((b, c, c, 3), jnp.uint8), **spec,
+                "image_size": ((b, 2), jnp.int32), "index": ((b,), jnp.uint32)}
+    return {"image": ((b, image_size, image_size, 3), jnp.uint8), **spec}
 
 
 def eval_step(variables: dict[str, Any], images: jax.Array, *, model: models.SSD,
@@ -345,10 +382,9 @@ def compile_steps(steps: Steps, state: TrainState, config: ml_collections.Config
     def batch(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=steps.data)
 
-    b, m, s = config.batch_size, config.max_boxes, image_size
-    steps.train.lower(state, {"image": batch((b, s, s, 3), jnp.uint8),
-                              "boxes": batch((b, m, 4), jnp.float32),
-                              "labels": batch((b, m), jnp.int32)}).compile()
+    s = image_size
+    steps.train.lower(state, {k: batch(*v) for k, v in train_batch_spec(config, s).items()}
+                      ).compile()
     steps.eval.lower(eval_variables(state),
                      batch((config.eval_batch_size, s, s, 3), jnp.uint8)).compile()
 
@@ -639,7 +675,7 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
     logging.info("training %s on %s (%d classes) for %d steps, batch %d over %d devices; "
                  "starting at step %d", config.model.name, config.dataset.kind, info.num_classes,
                  total, config.batch_size, jax.device_count(), start_step)
-    train_keys = ("image", "boxes", "labels")
+    train_keys = tuple(train_batch_spec(config, size))
     metrics_sum: dict[str, jax.Array] | None = None
     n_summed, t_last, step_last = 0, time.perf_counter(), start_step
     t_start = t_last

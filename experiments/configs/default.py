@@ -69,6 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.max_expand = 4.0            # largest zoom-out ratio (the paper's 4)
     config.dataset.augment_crop = False        # min-IoU random crop (7 samplers, 50 trials)
     config.dataset.augment_flip = True         # horizontal flip with p 0.5
+    # Where the augmentation runs: False = tf.data on the host CPU (ssd_jax.data.augment); True =
+    # the host only decodes and resizes to a canvas, the jitted train step augments on the
+    # accelerator (ssd_jax.augment), so the host's cores no longer cap the step rate.
+    config.dataset.augment_on_device = False
+    config.dataset.canvas_size = 192           # (augment_on_device) side of the uint8 canvas each
+                                               # image is resized to on the host (the synthetic
+                                               # images' own size: no resize)
     config.max_boxes = 16              # ground truth per image, padded with label 0 ("no box")
 
     # Optimization.

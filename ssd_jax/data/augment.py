@@ -76,8 +76,8 @@ def sample_expand(seed: tf.Tensor, *, prob: float = 0.5, max_ratio: float = 4.0)
 def sample_min_iou_crop(
     boxes: tf.Tensor, seed: tf.Tensor, pixel_aspect: tf.Tensor, *,
     min_scale: float = 0.3, min_aspect: float = 0.5, max_aspect: float = 2.0,
-    num_trials: int = NUM_TRIALS,
-) -> tuple[tf.Tensor, tf.Tensor]:
+    num_trials: int = NUM_TRIALS, return_sampler: bool = False,
+) -> tuple[tf.Tensor, ...]:
     """The paper's min-IoU patch sampler, all trials at once.
 
     Args:
@@ -88,6 +88,7 @@ def sample_min_iou_crop(
       crop [4] corner box (normalized, inside [0,1]) and the sampler's min IoU (scalar; -1 for
       the whole image and for the unconstrained sampler). A crop other than the whole image
       contains the centre of at least one box and has IoU >= min IoU with at least one box.
+      With return_sampler, also the sampler drawn (int32 0..6) and whether it found a crop.
     """
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     s = _seeds(seed, 5)
@@ -110,6 +111,8 @@ def sample_min_iou_crop(
     first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
     whole = tf.constant([0.0, 0.0, 1.0, 1.0])
     crop = tf.where(found, crops[first], whole)
+    if return_sampler:
+        return crop, tf.where(found, min_iou, -1.0), sampler, found
     return crop, tf.where(found, min_iou, -1.0)
 
 
@@ -221,6 +224,36 @@ def photometric_distort(image: tf.Tensor, seed: tf.Tensor, valid: tf.Tensor | No
     return out
 
 
+def sample_geometry(boxes: tf.Tensor, seed: tf.Tensor, pixel_aspect: tf.Tensor, *,
+                    expand: bool = True, crop: bool = True, flip: bool = True,
+                    max_expand: float = 4.0) -> dict[str, tf.Tensor]:
+    """Steps 1-3 of `train_augment` for one example (the same seeds, so the same draws).
+
+    boxes float32 [N,4]; seed int64 [2]; pixel_aspect: the image's width / height in pixels.
+    Returns {"expand": [ox, oy, r], "window": [4] the crop of the zoomed-out canvas, "sampler":
+    int32, "found": bool, "flip": bool, "boxes": [K,4] kept and transformed, "keep": bool [N]}.
+    """
+    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
+    s = _seeds(seed, 4)
+    # 1. expand: image occupies [ox, ox + 1/r] x [oy, oy + 1/r] of the canvas.
+    placement = (sample_expand(s[0], max_ratio=max_expand) if expand
+                 else tf.constant([0.0, 0.0, 1.0]))
+    ox, oy, r = tf.unstack(placement)
+    canvas_boxes = tf.stack([ox, oy, ox, oy]) + boxes / r
+    # 2. min-IoU crop on the canvas (aspect of canvas == aspect of image).
+    if crop:
+        window, _, sampler, found = sample_min_iou_crop(canvas_boxes, s[1], pixel_aspect,
+                                                        return_sampler=True)
+    else:
+        window, sampler, found = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(0), tf.constant(False)
+    out_boxes, keep = crop_boxes(canvas_boxes, window)
+    # 3. flip.
+    do_flip = (_uniform(s[2]) < 0.5) if flip else tf.constant(False)
+    out_boxes = tf.cond(do_flip, lambda: flip_boxes(out_boxes), lambda: out_boxes)
+    return {"expand": placement, "window": window, "sampler": sampler, "found": found,
+            "flip": do_flip, "boxes": out_boxes, "keep": keep}
+
+
 def train_augment(
     image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *, size: int,
     photometric: bool = True, expand: bool = True, crop: bool = True, flip: bool = True,
@@ -238,27 +271,15 @@ def train_augment(
     Returns:
       image uint8 [S,S,3], boxes float32 [K,4] (normalized to the output), labels int32 [K].
     """
-    boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     s = _seeds(seed, 4)
     shape = tf.shape(image)
     h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    # 1. expand: image occupies [ox, ox + 1/r] x [oy, oy + 1/r] of the canvas.
-    if expand:
-        ox, oy, r = tf.unstack(sample_expand(s[0], max_ratio=max_expand))
-    else:
-        ox, oy, r = tf.constant(0.0), tf.constant(0.0), tf.constant(1.0)
+    g = sample_geometry(boxes, seed, w / h, expand=expand, crop=crop, flip=flip,
+                        max_expand=max_expand)
+    ox, oy, r = tf.unstack(g["expand"])
     origin = tf.stack([ox, oy, ox, oy])
-    canvas_boxes = origin + boxes / r
-    # 2. min-IoU crop on the canvas (aspect of canvas == aspect of image).
-    if crop:
-        window, _ = sample_min_iou_crop(canvas_boxes, s[1], w / h)
-    else:
-        window = tf.constant([0.0, 0.0, 1.0, 1.0])
-    out_boxes, keep = crop_boxes(canvas_boxes, window)
-    out_labels = tf.boolean_mask(labels, keep)
-    # 3. flip.
-    do_flip = (_uniform(s[2]) < 0.5) if flip else tf.constant(False)
-    out_boxes = tf.cond(do_flip, lambda: flip_boxes(out_boxes), lambda: out_boxes)
+    window, do_flip, out_boxes = g["window"], g["flip"], g["boxes"]
+    out_labels = tf.boolean_mask(labels, g["keep"])
     # 4. one resample of the original image: canvas window -> original-image coordinates.
     window_img = (window - origin) * r
     pixels, valid = render_window(image, window_img, size, do_flip)

@@ -327,6 +327,30 @@ def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int
              for k in ("photometric", "expand", "crop", "flip")}
     max_expand = float(sources.field(cfg, "max_expand"))
 
+    if bool(sources.field(cfg, "augment_on_device")):
+        canvas = int(sources.field(cfg, "canvas_size"))
+
+        def prepare_canvas(ex):
+            """Decode only: the canvas, the original size and padded boxes; the jitted train step
+            augments (ssd_jax.augment.augment_batch)."""
+            image = ex["image"]
+            hw = tf.shape(image)[:2]
+            same = tf.reduce_all(tf.equal(hw, canvas))
+            image = tf.cond(same, lambda: image, lambda: tf.cast(tf.clip_by_value(tf.round(
+                tf.image.resize(image, [canvas, canvas], "bilinear")), 0.0, 255.0), tf.uint8))
+            image.set_shape([canvas, canvas, 3])
+            n = tf.shape(ex["boxes"])[0]
+            out = {"image": image, "image_size": tf.cast(hw, tf.int32),
+                   "boxes": _pad(tf.reshape(ex["boxes"], [-1, 4]), max_boxes),
+                   "labels": _pad(ex["labels"], max_boxes), "index": ex["index"]}
+            out.update({k: v for k, v in ex.items() if k.startswith("stat_")})
+            out["stat_boxes_truncated"] = tf.maximum(n - max_boxes, 0)
+            return out
+
+        ds = ds.map(prepare_canvas, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.batch(b, drop_remainder=True).prefetch(AUTOTUNE)
+        return ds.with_options(_options())
+
     def prepare(ex):
         image, boxes, labels = augment.train_augment(ex["image"], ex["boxes"], ex["labels"],
                                                      ex["seed"], size=size, max_expand=max_expand,
@@ -344,8 +368,11 @@ def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int
 
 
 def _train_fields(ex: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The fields augmentation needs; `seed` int64 [2] is the example's augmentation seed, and
+    `index` (uint32, its second element) the key the device-side augmentation folds in."""
     keep = ("image", "boxes", "labels")
-    return {**{k: ex[k] for k in keep}, "seed": seed,
+    index = tf.cast(tf.math.floormod(seed[1], tf.constant(2**32, tf.int64)), tf.uint32)
+    return {**{k: ex[k] for k in keep}, "seed": seed, "index": index,
             **{k: ex[k] for k in ex if k.startswith("stat_")}}
 
 

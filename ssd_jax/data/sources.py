@@ -58,7 +58,7 @@ KIND_FIELDS = {
     "voc_xml": ("root", "train_split", "eval_split", "class_names", "use_difficult"),
 }
 KIND_COMMON = ("kind", "augment_photometric", "augment_expand", "max_expand", "augment_crop",
-               "augment_flip")
+               "augment_flip", "augment_on_device", "canvas_size")
 
 
 @dataclasses.dataclass
@@ -199,6 +199,9 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
             raise ConfigError(f"config.dataset.{name} is required for kind={kind!r}{hint}")
         return value
 
+    if bool(field(cfg, "augment_on_device")) and int(field(cfg, "canvas_size")) < 32:
+        raise ConfigError("config.dataset.canvas_size must be >= 32 (the side images are resized "
+                          f"to before the device augments them), got {field(cfg, 'canvas_size')}")
     if kind == "synthetic":
         for name in ("num_train", "num_eval", "image_size"):
             if int(field(cfg, name)) < 1:

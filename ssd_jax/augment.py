@@ -1,0 +1,296 @@
+"""The SSD training augmentation as pure JAX functions: jitted, vmapped over the batch, on device.
+
+The same samplers, probabilities and ranges as the tf.data version (`ssd_jax.data.augment`, whose
+docstring cites the paper and the Caffe reference), for the pipeline mode in which the host only
+decodes and resizes each image to a fixed canvas (`config.dataset.augment_on_device`):
+
+1. expand (zoom out) with p 0.5: the image lands at a random spot of a canvas r x its size,
+   r ~ U[1, max_expand], the rest filled with the mean;
+2. min-IoU crop: one of 7 samplers chosen uniformly (whole image; a patch of scale U[0.3, 1] per
+   side, aspect w/h in *original pixels* in [0.5, 2], IoU >= 0.1/0.3/0.5/0.7/0.9 with some
+   ground-truth box; or any such patch), 50 trials drawn at once, the first that passes wins
+   (none: whole image). Boxes whose centre lies inside the patch are kept and clipped to it; the
+   others become padding (label 0, zero box) in place;
+3. horizontal flip with p 0.5;
+4. one bilinear resample of the canvas to out_size x out_size for steps 1-3 together (the crop
+   window mapped back to image coordinates; the mean outside the image), half-pixel centres and
+   no antialiasing, as `tf.image.crop_and_resize`;
+5. photometric distortion on the output: brightness +-32, contrast and saturation x[0.5, 1.5],
+   hue +-18 degrees, each with p 0.5, in a random order; the mean fill is left untouched and
+   contrast's grey mean is taken over image pixels only. Saturation and hue are dm-pix's (the
+   same HSV formulas as `tf.image.adjust_saturation` / `adjust_hue`).
+
+Shapes are static throughout: a batch of B canvases uint8 [B, C, C, 3] (each image resized to C x
+C by the host, its original (h, w) in `image_sizes`) and M padded boxes per image. Boxes are
+normalized corners (xmin, ymin, xmax, ymax), labels 1..K with 0 = padding, as everywhere in ssd_jax.
+
+Randomness: one key per example, `example_keys(key, index)` = fold_in(key, global example index),
+so an augmented example depends on (key, its index) only, not on the batch it is in, the number
+of devices or a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ssd_jax.models import CAFFE_MEAN
+
+MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
+NUM_SAMPLERS = 2 + len(MIN_IOUS)  # whole image, 5 min-IoU samplers, unconstrained patch
+NUM_TRIALS = 50
+_WHOLE = (0.0, 0.0, 1.0, 1.0)
+
+
+def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
+    """Per-example keys [B] from one key and the examples' global indices int [B]."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+
+
+def _iou(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Pairwise IoU of corner boxes a [T, 4], b [N, 4] -> [T, N] (0 for an empty union)."""
+    lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
+    rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = jnp.maximum(rb - lt, 0.0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / jnp.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def centres_inside(boxes: jax.Array, windows: jax.Array) -> jax.Array:
+    """[T, N]: the centre of box n [N, 4] lies strictly inside window t [T, 4]."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    w = windows[:, None, :]
+    return (cx > w[..., 0]) & (cx < w[..., 2]) & (cy > w[..., 1]) & (cy < w[..., 3])
+
+
+def sample_expand(key: jax.Array, *, prob: float = 0.5, max_ratio: float = 4.0) -> jax.Array:
+    """Where the image lands on the zoom-out canvas: [ox, oy, r], the canvas-normalized offset of
+    the image's top-left corner and the canvas/image size ratio (0, 0, 1 when not applied)."""
+    k_apply, k_ratio, k_offset = jax.random.split(key, 3)
+    apply = jax.random.uniform(k_apply) < prob
+    r = jnp.where(apply, jax.random.uniform(k_ratio, minval=1.0, maxval=max_ratio), 1.0)
+    offset = jax.random.uniform(k_offset, (2,)) * (1.0 - 1.0 / r)
+    return jnp.concatenate([offset, r[None]])
+
+
+def sample_min_iou_crop(key: jax.Array, boxes: jax.Array, valid: jax.Array,
+                        pixel_aspect: jax.Array, *, min_scale: float = 0.3,
+                        min_aspect: float = 0.5, max_aspect: float = 2.0,
+                        num_trials: int = NUM_TRIALS) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The paper's min-IoU patch sampler, all trials at once.
+
+    Args:
+      key: one PRNG key.
+      boxes: float [M, 4] corner boxes normalized to the image being cropped; valid bool [M].
+      pixel_aspect: width / height of that image in pixels (the aspect limit is in pixels).
+    Returns:
+      (window [4] corner box inside [0, 1], sampler int32 in 0..6, found bool). A window other
+      than the whole image contains the centre of at least one valid box and has IoU >= the
+      sampler's minimum with at least one valid box (sampler 0 and a failed search: whole image).
+    """
+    ks = jax.random.split(key, 5)
+    sampler = jax.random.randint(ks[0], (), 0, NUM_SAMPLERS)
+    min_iou = jnp.asarray((-1.0, *MIN_IOUS, -1.0), jnp.float32)[sampler]
+    w = jax.random.uniform(ks[1], (num_trials,), minval=min_scale, maxval=1.0)
+    h = jax.random.uniform(ks[2], (num_trials,), minval=min_scale, maxval=1.0)
+    aspect = w * pixel_aspect / h
+    x0 = jax.random.uniform(ks[3], (num_trials,)) * (1.0 - w)
+    y0 = jax.random.uniform(ks[4], (num_trials,)) * (1.0 - h)
+    windows = jnp.stack([x0, y0, x0 + w, y0 + h], axis=-1)  # [T, 4]
+    iou = jnp.where(valid[None, :], _iou(windows, boxes), -1.0)
+    centre_in = centres_inside(boxes, windows) & valid[None, :]
+    ok = (aspect >= min_aspect) & (aspect <= max_aspect)
+    ok &= ~jnp.any(valid) | ((jnp.max(iou, axis=1) >= min_iou) & jnp.any(centre_in, axis=1))
+    found = jnp.any(ok) & (sampler != 0)
+    window = jnp.where(found, windows[jnp.argmax(ok)], jnp.asarray(_WHOLE, jnp.float32))
+    return window, sampler.astype(jnp.int32), found
+
+
+def crop_boxes(boxes: jax.Array, labels: jax.Array, window: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """Boxes [M, 4] whose centre is inside `window` [4], clipped and renormalized to it; the
+    others (and padding) become zero boxes with label 0, in place. Returns (boxes, labels)."""
+    keep = centres_inside(boxes, window[None])[0] & (labels > 0)
+    lo = jnp.tile(window[:2], 2)
+    size = jnp.tile(window[2:] - window[:2], 2)
+    out = jnp.clip((boxes - lo) / size, 0.0, 1.0)
+    return jnp.where(keep[:, None], out, 0.0), jnp.where(keep, labels, 0)
+
+
+def flip_boxes(boxes: jax.Array) -> jax.Array:
+    """Horizontal flip of corner boxes [..., 4]."""
+    x0, y0, x1, y1 = jnp.moveaxis(boxes, -1, 0)
+    return jnp.stack([1.0 - x1, y0, 1.0 - x0, y1], axis=-1)
+
+
+def render_window(canvas: jax.Array, window: jax.Array, out_size: int, flip: jax.Array,
+                  mean: Sequence[float] = CAFFE_MEAN) -> tuple[jax.Array, jax.Array]:
+    """Bilinear resample of `window` [4] (corner box normalized to the image; it may reach outside
+    it, where `mean` fills in) of canvas uint8 [C, C, 3] to out_size x out_size, flipped
+    left-right if `flip`.
+
+    Output pixel centre i samples the continuous image coordinate w0 + (i + 0.5) / out_size *
+    (w1 - w0) (half-pixel centres; no antialiasing, as tf.image.crop_and_resize).
+    Returns (float32 [S, S, 3] in [0, 255], float32 [S, S, 1]: 1 where the pixel comes from the
+    image, 0 where from the fill).
+    """
+    c = canvas.shape[0]
+    mean = jnp.asarray(mean, jnp.float32)
+    span = jnp.maximum(window[2:] - window[:2], 1e-6)  # (w, h) of the window, image-normalized
+    scale = out_size / (c * span)  # output pixels per canvas pixel, (x, y)
+    translation = -window[:2] * out_size / span
+    out = jax.image.scale_and_translate(
+        canvas.astype(jnp.float32) - mean, (out_size, out_size, 3), (0, 1),
+        scale[::-1], translation[::-1], "linear", antialias=False,
+        precision=jax.lax.Precision.HIGHEST) + mean
+    t = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) / out_size
+    xs = window[0] + t * span[0]
+    ys = window[1] + t * span[1]
+    inside_x = ((xs >= 0.0) & (xs <= 1.0)).astype(jnp.float32)
+    inside_y = ((ys >= 0.0) & (ys <= 1.0)).astype(jnp.float32)
+    valid = (inside_y[:, None] * inside_x[None, :])[..., None]
+    out = jnp.where(flip, out[:, ::-1], out)
+    valid = jnp.where(flip, valid[:, ::-1], valid)
+    return out, valid
+
+
+def _grey(x: jax.Array) -> jax.Array:
+    """ITU-R 601 luma, the weights of tf.image.rgb_to_grayscale: [..., 3] -> [..., 1]."""
+    return jnp.sum(x * jnp.asarray((0.2989, 0.587, 0.114), x.dtype), axis=-1, keepdims=True)
+
+
+PHOTOMETRIC_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def photometric_distort(key: jax.Array, image: jax.Array, valid: jax.Array | None = None
+                        ) -> jax.Array:
+    """Brightness +-32, contrast and saturation x[0.5, 1.5], hue +-18 deg, each with p 0.5, in a
+    random order; image float32 [H, W, 3] in [0, 255] -> same. `valid` [H, W, 1] (optional) marks
+    image pixels: the rest keep their value, and contrast's grey mean is over image pixels only.
+    """
+    ks = jax.random.split(key, 7)
+    return distort(
+        image, valid, coins=jax.random.uniform(ks[0], (4,)) < 0.5,
+        order=jnp.argsort(jax.random.uniform(ks[1], (4,))),
+        delta=jax.random.uniform(ks[2], minval=-32.0, maxval=32.0),
+        contrast=jax.random.uniform(ks[3], minval=0.5, maxval=1.5),
+        saturation=jax.random.uniform(ks[4], minval=0.5, maxval=1.5),
+        hue=jax.random.uniform(ks[5], minval=-18.0 / 360.0, maxval=18.0 / 360.0))
+
+
+def distort(image: jax.Array, valid: jax.Array | None, *, coins: jax.Array, order: jax.Array,
+            delta: jax.Array, contrast: jax.Array, saturation: jax.Array, hue: jax.Array
+            ) -> jax.Array:
+    """`photometric_distort` with its draws given: coins bool [4] (apply op j, PHOTOMETRIC_OPS
+    order), order int [4] (a permutation: op order[k] goes k-th), delta in pixel levels,
+    contrast and saturation factors, hue in turns. Each applied op is clipped to [0, 255].
+
+    The order is data: each of the 4 positions evaluates the 4 gated ops and selects one, which
+    under vmap is what a switch costs anyway.
+    """
+    import dm_pix  # the HSV colour ops (saturation, hue) of tf.image, in JAX
+
+    weights = jnp.ones_like(image[..., :1]) if valid is None else valid
+
+    def adjust_contrast(x):
+        mean = jnp.sum(_grey(x) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return (x - mean) * contrast + mean
+
+    ops = (lambda x: x + delta / 255.0, adjust_contrast,
+           lambda x: dm_pix.adjust_saturation(x, saturation),
+           lambda x: dm_pix.adjust_hue(x, hue))
+    x = image / 255.0
+    for k in range(4):
+        outs = [jnp.where(coins[j], jnp.clip(op(x), 0.0, 1.0), x) for j, op in enumerate(ops)]
+        x = jnp.select([order[k] == j for j in range(4)], outs)
+    out = x * 255.0
+    if valid is not None:
+        out = out * valid + image * (1.0 - valid)
+    return out
+
+
+def sample_geometry(key: jax.Array, image_size: jax.Array, boxes: jax.Array, labels: jax.Array,
+                    *, expand: bool = True, max_expand: float = 4.0, crop: bool = True,
+                    flip: bool = True) -> dict[str, jax.Array]:
+    """Steps 1-3 for one example: where the image lands, which window is cut, whether it flips.
+
+    Args: key; image_size [2] the original (h, w); boxes [M, 4], labels [M] (0 = padding).
+    Returns {"expand": [ox, oy, r] (`sample_expand`), "window": [4] the crop of the zoomed-out
+    canvas, "sampler": int32, "found": bool (`sample_min_iou_crop`; 0 and False without crop),
+    "flip": bool, "boxes": [M, 4] and "labels": [M], the output's (dropped boxes: label 0)}.
+    """
+    boxes = boxes.astype(jnp.float32)
+    labels = labels.astype(jnp.int32)
+    k_expand, k_crop, k_flip = jax.random.split(key, 3)
+    if expand:
+        placement = sample_expand(k_expand, max_ratio=max_expand)
+    else:
+        placement = jnp.asarray((0.0, 0.0, 1.0), jnp.float32)
+    ox, oy, r = placement
+    canvas_boxes = jnp.stack([ox, oy, ox, oy]) + boxes / r
+    if crop:
+        size = image_size.astype(jnp.float32)
+        window, sampler, found = sample_min_iou_crop(k_crop, canvas_boxes, labels > 0,
+                                                     size[1] / size[0])
+    else:
+        window, sampler, found = jnp.asarray(_WHOLE, jnp.float32), jnp.int32(0), jnp.bool_(False)
+    out_boxes, out_labels = crop_boxes(canvas_boxes, labels, window)
+    do_flip = (jax.random.uniform(k_flip) < 0.5) if flip else jnp.bool_(False)
+    out_boxes = jnp.where(do_flip & (out_labels > 0)[:, None], flip_boxes(out_boxes), out_boxes)
+    return {"expand": placement, "window": window, "sampler": sampler, "found": found,
+            "flip": do_flip, "boxes": out_boxes, "labels": out_labels}
+
+
+def augment_example(key: jax.Array, canvas: jax.Array, image_size: jax.Array, boxes: jax.Array,
+                    labels: jax.Array, *, out_size: int, photometric: bool = True,
+                    expand: bool = True, max_expand: float = 4.0, crop: bool = True,
+                    flip: bool = True, mean: Sequence[float] = CAFFE_MEAN
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One example of `augment_batch` (see there): canvas uint8 [C, C, 3], image_size [2] (h, w),
+    boxes [M, 4], labels [M] -> (float32 [S, S, 3] rounded to integers in [0, 255], boxes [M, 4],
+    labels [M])."""
+    k_geometry, k_photo = jax.random.split(key)
+    g = sample_geometry(k_geometry, image_size, boxes, labels, expand=expand,
+                        max_expand=max_expand, crop=crop, flip=flip)
+    ox, oy, r = g["expand"]
+    # 4. one resample: the zoomed-out canvas's window, in image coordinates.
+    window = (g["window"] - jnp.stack([ox, oy, ox, oy])) * r
+    pixels, inside = render_window(canvas, window, out_size, g["flip"], mean)
+    # 5. photometric distortion, fill untouched.
+    if photometric:
+        pixels = photometric_distort(k_photo, pixels, inside)
+    return jnp.clip(jnp.round(pixels), 0.0, 255.0), g["boxes"], g["labels"]
+
+
+def augment_batch(keys: jax.Array, images: jax.Array, image_sizes: jax.Array, boxes: jax.Array,
+                  labels: jax.Array, *, out_size: int, photometric: bool = True,
+                  expand: bool = True, max_expand: float = 4.0, crop: bool = True,
+                  flip: bool = True, mean: Sequence[float] = CAFFE_MEAN,
+                  dtype: jnp.dtype = jnp.uint8) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The SSD training augmentation of a batch (module docstring), vmapped over examples.
+
+    Args:
+      keys: [B] per-example PRNG keys, e.g. `example_keys(key, global_index)`.
+      images: uint8 [B, C, C, 3] canvases: each image resized (stretched) to C x C.
+      image_sizes: int [B, 2] the images' original (height, width) in pixels: the crop sampler's
+        aspect-ratio limit is in original pixels.
+      boxes: float [B, M, 4] normalized corners; labels: int [B, M], 0 = padding.
+      out_size: the output side S (the model's input size).
+      photometric, expand, crop, flip: switch each step (all on: the paper).
+      max_expand: the largest zoom-out ratio (the paper's 4).
+      mean: RGB fill of the zoomed-out canvas (the mean the model subtracts).
+      dtype: of the output images (uint8, or a float dtype holding the same integer values).
+    Returns:
+      images dtype [B, S, S, 3]; boxes float32 [B, M, 4] normalized to the output (zeros where
+      dropped); labels int32 [B, M] (0 where dropped or padding).
+    """
+    fn = lambda k, im, hw, b, lab: augment_example(
+        k, im, hw, b, lab, out_size=out_size, photometric=photometric, expand=expand,
+        max_expand=max_expand, crop=crop, flip=flip, mean=mean)
+    out, out_boxes, out_labels = jax.vmap(fn)(keys, images, image_sizes, boxes, labels)
+    return out.astype(dtype), out_boxes, out_labels

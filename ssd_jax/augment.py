@@ -2,17 +2,17 @@
 
 The same samplers, probabilities and ranges as the tf.data version (`ssd_jax.data.augment`, whose
 docstring cites the paper and the Caffe reference), for the pipeline mode in which the host only
-decodes and resizes each image to a fixed canvas (`config.dataset.augment_on_device`):
+decodes each image onto a fixed canvas (`config.dataset.augment_on_device`):
 
 1. expand (zoom out) with p 0.5: the image lands at a random spot of a canvas r x its size,
    r ~ U[1, max_expand], the rest filled with the mean;
 2. min-IoU crop: one of 7 samplers chosen uniformly (whole image; a patch of scale U[0.3, 1] per
-   side, aspect w/h in *original pixels* in [0.5, 2], IoU >= 0.1/0.3/0.5/0.7/0.9 with some
+   side, aspect w/h in *image pixels* in [0.5, 2], IoU >= 0.1/0.3/0.5/0.7/0.9 with some
    ground-truth box; or any such patch), 50 trials drawn at once, the first that passes wins
    (none: whole image). Boxes whose centre lies inside the patch are kept and clipped to it; the
    others become padding (label 0, zero box) in place;
 3. horizontal flip with p 0.5;
-4. one bilinear resample of the canvas to out_size x out_size for steps 1-3 together (the crop
+4. one bilinear resample of the image to out_size x out_size for steps 1-3 together (the crop
    window mapped back to image coordinates; the mean outside the image), half-pixel centres and
    no antialiasing, as `tf.image.crop_and_resize`;
 5. photometric distortion on the output: brightness +-32, contrast and saturation x[0.5, 1.5],
@@ -20,8 +20,9 @@ decodes and resizes each image to a fixed canvas (`config.dataset.augment_on_dev
    contrast's grey mean is taken over image pixels only. Saturation and hue are dm-pix's (the
    same HSV formulas as `tf.image.adjust_saturation` / `adjust_hue`).
 
-Shapes are static throughout: a batch of B canvases uint8 [B, C, C, 3] (each image resized to C x
-C by the host, its original (h, w) in `image_sizes`) and M padded boxes per image. Boxes are
+Shapes are static throughout: a batch of B canvases uint8 [B, C, C, 3], each holding its image
+in the top-left (h, w) pixels given by `image_sizes` (`ssd_jax.data.augment.to_canvas`: no
+resampling on the host for images that fit), and M padded boxes per image. Boxes are
 normalized corners (xmin, ymin, xmax, ymax), labels 1..K with 0 = padding, as everywhere in ssd_jax.
 
 Randomness: one key per example, `example_keys(key, index)` = fold_in(key, global example index),
@@ -128,32 +129,36 @@ def flip_boxes(boxes: jax.Array) -> jax.Array:
     return jnp.stack([1.0 - x1, y0, 1.0 - x0, y1], axis=-1)
 
 
-def render_window(canvas: jax.Array, window: jax.Array, out_size: int, flip: jax.Array,
-                  mean: Sequence[float] = CAFFE_MEAN) -> tuple[jax.Array, jax.Array]:
+def render_window(canvas: jax.Array, image_size: jax.Array, window: jax.Array, out_size: int,
+                  flip: jax.Array, mean: Sequence[float] = CAFFE_MEAN
+                  ) -> tuple[jax.Array, jax.Array]:
     """Bilinear resample of `window` [4] (corner box normalized to the image; it may reach outside
-    it, where `mean` fills in) of canvas uint8 [C, C, 3] to out_size x out_size, flipped
-    left-right if `flip`.
+    it, where `mean` fills in) to out_size x out_size, flipped left-right if `flip`.
 
-    Output pixel centre i samples the continuous image coordinate w0 + (i + 0.5) / out_size *
-    (w1 - w0) (half-pixel centres; no antialiasing, as tf.image.crop_and_resize).
+    The image is the top-left image_size (h, w) pixels of canvas uint8 [C, C, 3] (`make_canvas`:
+    row h and column w repeat its last row and column). Output pixel centre i samples the
+    continuous image coordinate w0 + (i + 0.5) / out_size * (w1 - w0) (half-pixel centres; edge
+    pixels extend to the border; no antialiasing, as tf.image.crop_and_resize).
     Returns (float32 [S, S, 3] in [0, 255], float32 [S, S, 1]: 1 where the pixel comes from the
     image, 0 where from the fill).
     """
-    c = canvas.shape[0]
     mean = jnp.asarray(mean, jnp.float32)
+    hw = image_size.astype(jnp.float32)
     span = jnp.maximum(window[2:] - window[:2], 1e-6)  # (w, h) of the window, image-normalized
-    scale = out_size / (c * span)  # output pixels per canvas pixel, (x, y)
+    scale = out_size / (hw[::-1] * span)  # output pixels per canvas pixel, (x, y)
     translation = -window[:2] * out_size / span
     out = jax.image.scale_and_translate(
-        canvas.astype(jnp.float32) - mean, (out_size, out_size, 3), (0, 1),
+        canvas.astype(jnp.float32), (out_size, out_size, 3), (0, 1),
         scale[::-1], translation[::-1], "linear", antialias=False,
-        precision=jax.lax.Precision.HIGHEST) + mean
+        precision=jax.lax.Precision.HIGHEST)
     t = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) / out_size
     xs = window[0] + t * span[0]
     ys = window[1] + t * span[1]
-    inside_x = ((xs >= 0.0) & (xs <= 1.0)).astype(jnp.float32)
-    inside_y = ((ys >= 0.0) & (ys <= 1.0)).astype(jnp.float32)
-    valid = (inside_y[:, None] * inside_x[None, :])[..., None]
+    inside_x = (xs >= 0.0) & (xs <= 1.0)
+    inside_y = (ys >= 0.0) & (ys <= 1.0)
+    inside = (inside_y[:, None] & inside_x[None, :])[..., None]
+    out = jnp.where(inside, out, mean)
+    valid = inside.astype(jnp.float32)
     out = jnp.where(flip, out[:, ::-1], out)
     valid = jnp.where(flip, valid[:, ::-1], valid)
     return out, valid
@@ -223,7 +228,7 @@ def sample_geometry(key: jax.Array, image_size: jax.Array, boxes: jax.Array, lab
                     flip: bool = True) -> dict[str, jax.Array]:
     """Steps 1-3 for one example: where the image lands, which window is cut, whether it flips.
 
-    Args: key; image_size [2] the original (h, w); boxes [M, 4], labels [M] (0 = padding).
+    Args: key; image_size [2] the image's (h, w) in pixels; boxes [M, 4], labels [M] (0 = padding).
     Returns {"expand": [ox, oy, r] (`sample_expand`), "window": [4] the crop of the zoomed-out
     canvas, "sampler": int32, "found": bool (`sample_min_iou_crop`; 0 and False without crop),
     "flip": bool, "boxes": [M, 4] and "labels": [M], the output's (dropped boxes: label 0)}.
@@ -255,16 +260,16 @@ def augment_example(key: jax.Array, canvas: jax.Array, image_size: jax.Array, bo
                     expand: bool = True, max_expand: float = 4.0, crop: bool = True,
                     flip: bool = True, mean: Sequence[float] = CAFFE_MEAN
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One example of `augment_batch` (see there): canvas uint8 [C, C, 3], image_size [2] (h, w),
-    boxes [M, 4], labels [M] -> (float32 [S, S, 3] rounded to integers in [0, 255], boxes [M, 4],
-    labels [M])."""
+    """One example of `augment_batch` (see there): canvas uint8 [C, C, 3], image_size [2] (h, w)
+    of the image in it, boxes [M, 4], labels [M] -> (float32 [S, S, 3] rounded to integers in
+    [0, 255], boxes [M, 4], labels [M])."""
     k_geometry, k_photo = jax.random.split(key)
     g = sample_geometry(k_geometry, image_size, boxes, labels, expand=expand,
                         max_expand=max_expand, crop=crop, flip=flip)
     ox, oy, r = g["expand"]
     # 4. one resample: the zoomed-out canvas's window, in image coordinates.
     window = (g["window"] - jnp.stack([ox, oy, ox, oy])) * r
-    pixels, inside = render_window(canvas, window, out_size, g["flip"], mean)
+    pixels, inside = render_window(canvas, image_size, window, out_size, g["flip"], mean)
     # 5. photometric distortion, fill untouched.
     if photometric:
         pixels = photometric_distort(k_photo, pixels, inside)
@@ -280,9 +285,9 @@ def augment_batch(keys: jax.Array, images: jax.Array, image_sizes: jax.Array, bo
 
     Args:
       keys: [B] per-example PRNG keys, e.g. `example_keys(key, global_index)`.
-      images: uint8 [B, C, C, 3] canvases: each image resized (stretched) to C x C.
-      image_sizes: int [B, 2] the images' original (height, width) in pixels: the crop sampler's
-        aspect-ratio limit is in original pixels.
+      images: uint8 [B, C, C, 3] canvases, each image in its top-left corner (`to_canvas`).
+      image_sizes: int [B, 2] each image's (height, width) in its canvas: the region sampled,
+        and the pixels in which the crop sampler's aspect-ratio limit holds.
       boxes: float [B, M, 4] normalized corners; labels: int [B, M], 0 = padding.
       out_size: the output side S (the model's input size).
       photometric, expand, crop, flip: switch each step (all on: the paper).

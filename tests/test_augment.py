@@ -18,10 +18,28 @@ from ssd_jax.models import CAFFE_MEAN
 from tests.test_data_augment import COLORS, _check_paint_inside, _painted
 
 
-def _canvas(image: np.ndarray, size: int) -> np.ndarray:
-    """The host's canvas: the image stretched to size x size (what the device mode ships)."""
-    return np.asarray(tf.cast(tf.round(tf.image.resize(image, [size, size], "bilinear")),
-                              tf.uint8))
+def _canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the device mode's host side ships: (canvas uint8 [size, size, 3], (h, w) in it)."""
+    canvas, hw = host_augment.to_canvas(tf.constant(image), size)
+    return canvas.numpy(), hw.numpy()
+
+
+@pytest.mark.parametrize("h,w,size", [(30, 50, 64), (64, 64, 64), (90, 120, 60)])
+def test_the_canvas_holds_the_image_top_left(h, w, size):
+    image = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    canvas, hw = _canvas(image, size)
+    assert canvas.shape == (size, size, 3)
+    if max(h, w) <= size:
+        np.testing.assert_array_equal(hw, (h, w))
+        np.testing.assert_array_equal(canvas[:h, :w], image)  # no resampling
+        if h < size:
+            np.testing.assert_array_equal(canvas[h, :w], image[-1])
+        if w < size:
+            np.testing.assert_array_equal(canvas[:h, w], image[:, -1])
+        assert (canvas[h + 1:] == 0).all() and (canvas[:, w + 1:] == 0).all()
+    else:  # scaled down to fit, aspect kept
+        np.testing.assert_array_equal(hw, (45, 60))
+        assert (canvas[:, 61:] == 0).all()
 
 
 def _keys(n: int, seed: int = 0) -> jax.Array:
@@ -35,19 +53,22 @@ def _augment(keys, images, sizes, boxes, labels, *, out_size, photometric=False,
                                  photometric=photometric, expand=expand, crop=crop, flip=flip)
 
 
-@pytest.mark.parametrize("canvas,out", [(64, 40), (32, 48)])
-def test_with_every_step_off_it_is_a_plain_bilinear_resize(canvas, out):
+@pytest.mark.parametrize("h,w,out", [(48, 64, 40), (24, 32, 48), (64, 64, 64)])
+def test_with_every_step_off_it_is_a_plain_bilinear_resize(h, w, out):
+    """Of the image (not the canvas around it), to 1e-3 before rounding."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, canvas, canvas, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
     ref = np.asarray(tf.image.resize(images.astype(np.float32), [out, out], "bilinear",
                                      antialias=False))
+    canvases = np.stack([_canvas(im, 64)[0] for im in images])
     whole = jnp.asarray([0.0, 0.0, 1.0, 1.0])
     for i in range(3):
-        pixels, inside = augment.render_window(jnp.asarray(images[i]), whole, out, False)
+        pixels, inside = augment.render_window(jnp.asarray(canvases[i]), jnp.asarray([h, w]),
+                                               whole, out, False)
         np.testing.assert_allclose(np.asarray(pixels), ref[i], atol=1e-3)
         assert np.asarray(inside).min() == 1.0
     boxes = np.tile(np.asarray([[[0.1, 0.2, 0.5, 0.7]]], np.float32), (3, 1, 1))
-    got, b, lab = _augment(_keys(3), images, np.full((3, 2), canvas, np.int32), boxes,
+    got, b, lab = _augment(_keys(3), canvases, np.full((3, 2), (h, w), np.int32), boxes,
                            np.ones((3, 1), np.int32), out_size=out, expand=False, crop=False,
                            flip=False)
     assert got.dtype == jnp.uint8
@@ -64,14 +85,15 @@ def test_with_every_step_off_it_is_a_plain_bilinear_resize(canvas, out):
     dict(expand=True, crop=True, flip=True),
 ])
 def test_paint_stays_in_boxes_and_the_fill_stays_out(flags):
-    """The host test's painted image (3 disjoint colour boxes on black, 90 x 120 px) on a 96 px
+    """The host test's painted image (3 disjoint colour boxes on black, 90 x 120 px) on a 128 px
     canvas: every clearly painted pixel lies in its transformed box, each kept box is covered by
     its colour, and no pixel of a kept box's interior is black (the image) or the mean (fill)."""
     img, boxes, labels = _painted()
     n = 48
-    canvas = np.broadcast_to(_canvas(img, 96), (n, 96, 96, 3))
+    canvas, hw = _canvas(img, 128)
+    canvas = np.broadcast_to(canvas, (n, 128, 128, 3))
     pad = lambda x: np.broadcast_to(np.concatenate([x, np.zeros_like(x[:1])]), (n, 4, *x.shape[1:]))
-    out, b, lab = _augment(_keys(n, 1), canvas, np.tile([[90, 120]], (n, 1)), pad(boxes),
+    out, b, lab = _augment(_keys(n, 1), canvas, np.tile(hw, (n, 1)), pad(boxes),
                            pad(labels), out_size=64, **flags)
     out, b, lab = np.asarray(out), np.asarray(b), np.asarray(lab)
     assert out.shape == (n, 64, 64, 3) and lab.shape == (n, 4)

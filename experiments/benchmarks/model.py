@@ -10,7 +10,9 @@ ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and
 torchvision's ssdlite320_mobilenet_v3_large (320 px), timed the same way; ssd512_vgg16,
 ssd300_resnet50 and the compact model have none (torchvision ships none of them), and their
 rows note their cost relative to SSD300 when it runs too. Each forward row notes the model's
-priors, parameters and multiply-adds per image (`models.flops_per_image`).
+priors, parameters and multiply-adds per image (`models.flops_per_image`). With SSD300 in fp32,
+one more row times `augment.augment_batch` (every step on, 512 px canvases -> 300) at the same
+batch: the device mode's augmentation, as a share of the train step.
 
     python -m experiments.benchmark --suite=model [--model_batch=8] [--dtype=bf16] [--nopeer]
 """
@@ -81,7 +83,27 @@ VOC_TRAIN_FIELDS = dict(
 def voc_train_config(name: str, dtype_name: str) -> _Config:
     """The SSD300 VOC recipe's step-relevant config for model `name` in fp32 or bf16 compute."""
     return _Config(VOC_TRAIN_FIELDS, model=_Config(name=name),
+                   dataset=_Config(augment_on_device=False),
                    dtype="bfloat16" if dtype_name == "bf16" else "float32")
+
+
+#: The canvas the device-mode rows resample from (the VOC/COCO configs' canvas_size).
+AUGMENT_CANVAS = 512
+
+
+def _time_augment(size: int, batch: int, timing: dict) -> float:
+    """Seconds per call of `augment.augment_batch` (every step on) from uint8 canvases of
+    AUGMENT_CANVAS px to `size`: what the device mode adds to each train step."""
+    import jax.numpy as jnp
+
+    from ssd_jax import augment
+
+    images, boxes, labels = _synthetic(batch, AUGMENT_CANVAS)
+    sizes = np.tile(np.asarray([[375, 500]], np.int32), (batch, 1))
+    keys = augment.example_keys(jax.random.key(0), jnp.arange(batch, dtype=jnp.uint32))
+    fn = jax.jit(lambda k, *a: augment.augment_batch(k, *a, out_size=size))
+    args = jax.device_put((keys, images, sizes, boxes, labels))
+    return time_jax(lambda: fn(*args), **timing)
 
 
 def describe(model: models.SSD, variables: Any) -> str:
@@ -221,4 +243,9 @@ def _run_one(args: Any, names: list[str], batch: int, dtype_name: str, quick: bo
                         batch / peer[0] if peer[0] else None, note=about))
         rows.append(Row(f"model/train_step {name} {tag}", batch / t_step,
                         batch / peer[1] if peer[1] else None, note=note))
+        if name == "ssd300_vgg16" and dtype_name == "fp32":
+            t_aug = _time_augment(300, batch, timing)
+            rows.append(Row(f"model/augment_batch {AUGMENT_CANVAS}->300 {tag}", batch / t_aug,
+                            note=f"the device mode's augmentation: {100 * t_aug / t_step:.1f}% "
+                                 "of the SSD300 train step"))
     return rows

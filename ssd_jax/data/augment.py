@@ -290,6 +290,30 @@ def train_augment(
     return out, out_boxes, out_labels
 
 
+def to_canvas(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The host side of the device mode (`ssd_jax.augment`): uint8 [H,W,3] -> (canvas uint8
+    [size,size,3], int32 [2] the (h, w) the image has in it).
+
+    The image goes to the top-left corner unresampled when it fits (an image larger than the
+    canvas is first scaled down, aspect kept, to fit); the row and column after it repeat its
+    last row and column (what bilinear sampling at the border needs), the rest is zero. No
+    resampling for images that fit: for VOC (<= 500 px) into a 512 canvas this is a copy.
+    """
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = tf.minimum(1.0, size / tf.maximum(h, w))
+    nh = tf.clip_by_value(tf.cast(tf.round(h * scale), tf.int32), 1, size)
+    nw = tf.clip_by_value(tf.cast(tf.round(w * scale), tf.int32), 1, size)
+    image = tf.cond(scale < 1.0, lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+        image, tf.stack([nh, nw]), "bilinear", antialias=True)), 0.0, 255.0), tf.uint8),
+        lambda: image)
+    edge_h, edge_w = tf.minimum(1, size - nh), tf.minimum(1, size - nw)
+    image = tf.pad(image, [[0, edge_h], [0, edge_w], [0, 0]], mode="SYMMETRIC")
+    image = tf.pad(image, [[0, size - nh - edge_h], [0, size - nw - edge_w], [0, 0]])
+    image.set_shape([size, size, 3])
+    return image, tf.stack([nh, nw])
+
+
 def eval_resize(image: tf.Tensor, size: int) -> tf.Tensor:
     """Bilinear resize uint8 [H,W,3] -> uint8 [S,S,3] (boxes, normalized, are unchanged).
 

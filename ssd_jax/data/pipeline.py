@@ -331,16 +331,11 @@ def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int
         canvas = int(sources.field(cfg, "canvas_size"))
 
         def prepare_canvas(ex):
-            """Decode only: the canvas, the original size and padded boxes; the jitted train step
-            augments (ssd_jax.augment.augment_batch)."""
-            image = ex["image"]
-            hw = tf.shape(image)[:2]
-            same = tf.reduce_all(tf.equal(hw, canvas))
-            image = tf.cond(same, lambda: image, lambda: tf.cast(tf.clip_by_value(tf.round(
-                tf.image.resize(image, [canvas, canvas], "bilinear")), 0.0, 255.0), tf.uint8))
-            image.set_shape([canvas, canvas, 3])
+            """Decode only: the image on its canvas, its size there and padded boxes; the jitted
+            train step augments (ssd_jax.augment.augment_batch)."""
+            image, hw = augment.to_canvas(ex["image"], canvas)
             n = tf.shape(ex["boxes"])[0]
-            out = {"image": image, "image_size": tf.cast(hw, tf.int32),
+            out = {"image": image, "image_size": hw,
                    "boxes": _pad(tf.reshape(ex["boxes"], [-1, 4]), max_boxes),
                    "labels": _pad(ex["labels"], max_boxes), "index": ex["index"]}
             out.update({k: v for k, v in ex.items() if k.startswith("stat_")})

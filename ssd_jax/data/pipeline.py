@@ -327,34 +327,25 @@ def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int
              for k in ("photometric", "expand", "crop", "flip")}
     max_expand = float(sources.field(cfg, "max_expand"))
 
-    if bool(sources.field(cfg, "augment_on_device")):
-        canvas = int(sources.field(cfg, "canvas_size"))
-
-        def prepare_canvas(ex):
-            """Decode only: the image on its canvas, its size there and padded boxes; the jitted
-            train step augments (ssd_jax.augment.augment_batch)."""
-            image, hw = augment.to_canvas(ex["image"], canvas)
-            n = tf.shape(ex["boxes"])[0]
-            out = {"image": image, "image_size": hw,
-                   "boxes": _pad(tf.reshape(ex["boxes"], [-1, 4]), max_boxes),
-                   "labels": _pad(ex["labels"], max_boxes), "index": ex["index"]}
-            out.update({k: v for k, v in ex.items() if k.startswith("stat_")})
-            out["stat_boxes_truncated"] = tf.maximum(n - max_boxes, 0)
-            return out
-
-        ds = ds.map(prepare_canvas, num_parallel_calls=AUTOTUNE, deterministic=True)
-        ds = ds.batch(b, drop_remainder=True).prefetch(AUTOTUNE)
-        return ds.with_options(_options())
+    on_device = bool(sources.field(cfg, "augment_on_device"))
+    canvas = int(sources.field(cfg, "canvas_size"))
 
     def prepare(ex):
-        image, boxes, labels = augment.train_augment(ex["image"], ex["boxes"], ex["labels"],
-                                                     ex["seed"], size=size, max_expand=max_expand,
-                                                     **steps)
-        n = tf.shape(boxes)[0]
-        out = {"image": image, "boxes": _pad(boxes, max_boxes),
-               "labels": _pad(labels, max_boxes)}
+        """The augmented example, padded; in the device mode only the image on its canvas, its
+        size there, the unaugmented boxes and the example's index: the jitted train step
+        augments (ssd_jax.augment.augment_batch)."""
+        if on_device:
+            image, hw = augment.to_canvas(ex["image"], canvas)
+            boxes, labels = tf.reshape(ex["boxes"], [-1, 4]), ex["labels"]
+            out = {"image": image, "image_size": hw, "index": ex["index"]}
+        else:
+            image, boxes, labels = augment.train_augment(
+                ex["image"], ex["boxes"], ex["labels"], ex["seed"], size=size,
+                max_expand=max_expand, **steps)
+            out = {"image": image}
+        out.update({"boxes": _pad(boxes, max_boxes), "labels": _pad(labels, max_boxes)})
         out.update({k: v for k, v in ex.items() if k.startswith("stat_")})
-        out["stat_boxes_truncated"] = tf.maximum(n - max_boxes, 0)
+        out["stat_boxes_truncated"] = tf.maximum(tf.shape(boxes)[0] - max_boxes, 0)
         return out
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -15,7 +15,7 @@ from ssd_jax import augment
 from ssd_jax.data import augment as host_augment
 from ssd_jax.data.tf_compat import tf
 from ssd_jax.models import CAFFE_MEAN
-from tests.test_data_augment import COLORS, _check_paint_inside, _painted
+from tests.test_data_augment import COLORS, GEOMETRY_CASES, _check_paint_inside, _painted
 
 
 def _canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,12 +78,7 @@ def test_with_every_step_off_it_is_a_plain_bilinear_resize(h, w, out):
     np.testing.assert_array_equal(np.asarray(lab), 1)
 
 
-@pytest.mark.parametrize("flags", [
-    dict(expand=True, crop=False, flip=False),
-    dict(expand=False, crop=True, flip=False),
-    dict(expand=False, crop=False, flip=True),
-    dict(expand=True, crop=True, flip=True),
-])
+@pytest.mark.parametrize("flags", GEOMETRY_CASES)
 def test_paint_stays_in_boxes_and_the_fill_stays_out(flags):
     """The host test's painted image (3 disjoint colour boxes on black, 90 x 120 px) on a 128 px
     canvas: every clearly painted pixel lies in its transformed box, each kept box is covered by

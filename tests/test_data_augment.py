@@ -43,12 +43,16 @@ def _check_paint_inside(out: np.ndarray, boxes: np.ndarray, labels: np.ndarray, 
             assert inner.mean() > 0.95, (k, inner.mean())
 
 
-@pytest.mark.parametrize("flags", [
+#: each geometric step alone, then all together (also the device version's cases: test_augment)
+GEOMETRY_CASES = [
     dict(expand=True, crop=False, flip=False),
     dict(expand=False, crop=True, flip=False),
     dict(expand=False, crop=False, flip=True),
     dict(expand=True, crop=True, flip=True),
-])
+]
+
+
+@pytest.mark.parametrize("flags", GEOMETRY_CASES)
 def test_paint_stays_in_boxes(flags):
     img, boxes, labels = _painted()
     for i in range(12):

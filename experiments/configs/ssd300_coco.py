@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.name = "coco/2017"
     config.dataset.train_split = "train"
     config.dataset.eval_split = "validation"
+    config.dataset.canvas_size = 640               # COCO images are <= 640 px
     config.max_boxes = 100
     config.num_train_steps = 160_000
     config.lr_boundaries = (120_000, 140_000)

@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.eval_split = "test"             # VOC2007 test (of the first name)
     config.dataset.augment_expand = True           # the paper's full augmentation
     config.dataset.augment_crop = True
+    config.dataset.augment_on_device = True        # the host decodes, the train step augments
+    config.dataset.canvas_size = 512               # VOC images are <= 500 px: copied, not resampled
     config.max_boxes = 64                          # VOC images hold at most 42 objects
 
     config.num_train_steps = 120_000               # the paper: 120k iterations at batch 32

@@ -21,8 +21,9 @@ decodes each image onto a fixed canvas (`config.dataset.augment_on_device`):
    same HSV formulas as `tf.image.adjust_saturation` / `adjust_hue`).
 
 Shapes are static throughout: a batch of B canvases uint8 [B, C, C, 3], each holding its image
-in the top-left (h, w) pixels given by `image_sizes` (`ssd_jax.data.augment.to_canvas`: no
-resampling on the host for images that fit), and M padded boxes per image. Boxes are
+in the top-left (h, w) pixels given by `image_sizes` (the host pads each image into its canvas;
+`ssd_jax.data.augment.fit_to_canvas` scales down only images larger than it), and M padded boxes
+per image. Boxes are
 normalized corners (xmin, ymin, xmax, ymax), labels 1..K with 0 = padding, as everywhere in ssd_jax.
 
 Randomness: one key per example, `example_keys(key, index)` = fold_in(key, global example index),
@@ -135,14 +136,19 @@ def render_window(canvas: jax.Array, image_size: jax.Array, window: jax.Array, o
     """Bilinear resample of `window` [4] (corner box normalized to the image; it may reach outside
     it, where `mean` fills in) to out_size x out_size, flipped left-right if `flip`.
 
-    The image is the top-left image_size (h, w) pixels of canvas uint8 [C, C, 3] (`make_canvas`:
-    row h and column w repeat its last row and column). Output pixel centre i samples the
-    continuous image coordinate w0 + (i + 0.5) / out_size * (w1 - w0) (half-pixel centres; edge
-    pixels extend to the border; no antialiasing, as tf.image.crop_and_resize).
+    The image is the top-left image_size (h, w) pixels of canvas uint8 [C, C, 3] (whatever
+    follows is ignored). Output pixel centre i samples the continuous image coordinate
+    w0 + (i + 0.5) / out_size * (w1 - w0) (half-pixel centres; edge pixels extend to the border;
+    no antialiasing, as tf.image.crop_and_resize).
     Returns (float32 [S, S, 3] in [0, 255], float32 [S, S, 1]: 1 where the pixel comes from the
     image, 0 where from the fill).
     """
     mean = jnp.asarray(mean, jnp.float32)
+    c = canvas.shape[0]
+    # rows from h and columns from w repeat the image's last (bilinear taps at its border)
+    rows = jnp.minimum(jnp.arange(c), image_size[0] - 1)
+    cols = jnp.minimum(jnp.arange(c), image_size[1] - 1)
+    canvas = canvas[rows][:, cols]
     hw = image_size.astype(jnp.float32)
     span = jnp.maximum(window[2:] - window[:2], 1e-6)  # (w, h) of the window, image-normalized
     scale = out_size / (hw[::-1] * span)  # output pixels per canvas pixel, (x, y)
@@ -285,7 +291,7 @@ def augment_batch(keys: jax.Array, images: jax.Array, image_sizes: jax.Array, bo
 
     Args:
       keys: [B] per-example PRNG keys, e.g. `example_keys(key, global_index)`.
-      images: uint8 [B, C, C, 3] canvases, each image in its top-left corner (`to_canvas`).
+      images: uint8 [B, C, C, 3] canvases, each image in its top-left corner.
       image_sizes: int [B, 2] each image's (height, width) in its canvas: the region sampled,
         and the pixels in which the crop sampler's aspect-ratio limit holds.
       boxes: float [B, M, 4] normalized corners; labels: int [B, M], 0 = padding.

@@ -20,26 +20,36 @@ from tests.test_data_augment import COLORS, GEOMETRY_CASES, _check_paint_inside,
 
 def _canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """What the device mode's host side ships: (canvas uint8 [size, size, 3], (h, w) in it)."""
-    canvas, hw = host_augment.to_canvas(tf.constant(image), size)
-    return canvas.numpy(), hw.numpy()
+    fitted, hw = host_augment.fit_to_canvas(tf.constant(image), size)
+    h, w = hw.numpy()
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[:h, :w] = fitted.numpy()
+    return canvas, hw.numpy()
 
 
 @pytest.mark.parametrize("h,w,size", [(30, 50, 64), (64, 64, 64), (90, 120, 60)])
-def test_the_canvas_holds_the_image_top_left(h, w, size):
+def test_fit_to_canvas_keeps_an_image_that_fits(h, w, size):
     image = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    canvas, hw = _canvas(image, size)
-    assert canvas.shape == (size, size, 3)
+    fitted, hw = (x.numpy() for x in host_augment.fit_to_canvas(tf.constant(image), size))
     if max(h, w) <= size:
         np.testing.assert_array_equal(hw, (h, w))
-        np.testing.assert_array_equal(canvas[:h, :w], image)  # no resampling
-        if h < size:
-            np.testing.assert_array_equal(canvas[h, :w], image[-1])
-        if w < size:
-            np.testing.assert_array_equal(canvas[:h, w], image[:, -1])
-        assert (canvas[h + 1:] == 0).all() and (canvas[:, w + 1:] == 0).all()
+        np.testing.assert_array_equal(fitted, image)  # no resampling
     else:  # scaled down to fit, aspect kept
         np.testing.assert_array_equal(hw, (45, 60))
-        assert (canvas[:, 61:] == 0).all()
+        assert fitted.shape == (45, 60, 3)
+
+
+def test_what_follows_the_image_on_its_canvas_is_ignored():
+    rng = np.random.default_rng(2)
+    canvas, hw = _canvas(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8), 64)
+    noisy = canvas.copy()
+    noisy[30:] = rng.integers(0, 256, noisy[30:].shape)
+    noisy[:, 50:] = rng.integers(0, 256, noisy[:, 50:].shape)
+    for window in ([0.0, 0.0, 1.0, 1.0], [-0.3, 0.2, 1.2, 1.4], [0.5, 0.5, 1.0, 1.0]):
+        a, va = augment.render_window(canvas, jnp.asarray(hw), jnp.asarray(window), 40, False)
+        b, vb = augment.render_window(noisy, jnp.asarray(hw), jnp.asarray(window), 40, False)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
 
 
 def _keys(n: int, seed: int = 0) -> jax.Array:

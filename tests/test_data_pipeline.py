@@ -113,6 +113,7 @@ def test_device_mode_ships_canvases_original_sizes_and_global_indices(cfg):
             np.testing.assert_array_equal(batch["labels"][j, :n], table.labels[lo:lo + n])
             assert (batch["labels"][j, n:] == 0).all()
             np.testing.assert_array_equal(batch["image"][j, :48, :48], table.images[i])
+            assert (batch["image"][j, 48:] == 0).all() and (batch["image"][j, :, 48:] == 0).all()
     h0 = _take(_train(dev, batch_size=2, process_index=0, process_count=2), 3)
     h1 = _take(_train(dev, batch_size=2, process_index=1, process_count=2), 3)
     for g, a, b in zip(batches, h0, h1, strict=True):

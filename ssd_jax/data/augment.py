@@ -290,14 +290,13 @@ def train_augment(
     return out, out_boxes, out_labels
 
 
-def to_canvas(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """The host side of the device mode (`ssd_jax.augment`): uint8 [H,W,3] -> (canvas uint8
-    [size,size,3], int32 [2] the (h, w) the image has in it).
+def fit_to_canvas(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The host side of the device mode (`ssd_jax.augment`): uint8 [H,W,3] -> (uint8 [h,w,3] with
+    h, w <= size, int32 [2] (h, w)).
 
-    The image goes to the top-left corner unresampled when it fits (an image larger than the
-    canvas is first scaled down, aspect kept, to fit); the row and column after it repeat its
-    last row and column (what bilinear sampling at the border needs), the rest is zero. No
-    resampling for images that fit: for VOC (<= 500 px) into a 512 canvas this is a copy.
+    The image itself when it fits (no resampling: for VOC's <= 500 px images in a 512 canvas
+    this costs nothing), else scaled down, aspect kept, to fit. The batch pads it to the canvas
+    (`tf.data.Dataset.padded_batch`: one copy into the batch, zeros after the image).
     """
     shape = tf.shape(image)
     h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
@@ -307,10 +306,6 @@ def to_canvas(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     image = tf.cond(scale < 1.0, lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
         image, tf.stack([nh, nw]), "bilinear", antialias=True)), 0.0, 255.0), tf.uint8),
         lambda: image)
-    edge_h, edge_w = tf.minimum(1, size - nh), tf.minimum(1, size - nw)
-    image = tf.pad(image, [[0, edge_h], [0, edge_w], [0, 0]], mode="SYMMETRIC")
-    image = tf.pad(image, [[0, size - nh - edge_h], [0, size - nw - edge_w], [0, 0]])
-    image.set_shape([size, size, 3])
     return image, tf.stack([nh, nw])
 
 

@@ -335,7 +335,7 @@ def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int
         size there, the unaugmented boxes and the example's index: the jitted train step
         augments (ssd_jax.augment.augment_batch)."""
         if on_device:
-            image, hw = augment.to_canvas(ex["image"], canvas)
+            image, hw = augment.fit_to_canvas(ex["image"], canvas)
             boxes, labels = tf.reshape(ex["boxes"], [-1, 4]), ex["labels"]
             out = {"image": image, "image_size": hw, "index": ex["index"]}
         else:
@@ -349,8 +349,13 @@ def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int
         return out
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(b, drop_remainder=True).prefetch(AUTOTUNE)
-    return ds.with_options(_options())
+    if on_device:  # the image goes to the top-left of its canvas as the batch is assembled
+        shapes = {k: v.shape for k, v in ds.element_spec.items()}
+        shapes["image"] = tf.TensorShape([canvas, canvas, 3])
+        ds = ds.padded_batch(b, padded_shapes=shapes, drop_remainder=True)
+    else:
+        ds = ds.batch(b, drop_remainder=True)
+    return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
 def _train_fields(ex: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -12,8 +12,10 @@ import pytest
 # Tests run on the CPU with one device unless a test spawns its own subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-try:  # torch must load before TensorFlow in one process (the other order can segfault)
+try:  # torch and torchvision (which loads triton) must load before TensorFlow in one process:
+    # the other order segfaults (a test module that imports TF ahead of a torchvision one did)
     import torch  # noqa: F401
+    import torchvision  # noqa: F401
 except ImportError:
     pass
 

@@ -11,11 +11,15 @@ against the user's own annotation file give exactly the COCO AP that `evaluate` 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -24,9 +28,25 @@ from PIL import Image
 from ssd_jax.errors import DataError
 from tests.conftest import dataset_config
 
-# one worker runs the whole session, built once (session fixtures: a worker interleaves modules,
-# which tears module fixtures down; pytest -n 2 would otherwise also train it on both workers)
-pytestmark = pytest.mark.xdist_group("user_data")
+
+def _shared(tmp_path_factory) -> pathlib.Path:
+    """A folder all xdist workers of this run share (the session fixtures below are built once,
+    by whichever worker asks first, under a file lock: the workers interleave modules, and
+    xdist's group marks do not keep this module on one worker with pytest 9)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "user_data"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _exclusive(folder: pathlib.Path):
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 CATEGORY_IDS = (1, 5, 17, 23, 42, 90)  # gapped, as in COCO; labels 1..6 of the synthetic shapes
 NUM_TRAIN, NUM_EVAL, SIDE = 24, 8, 128
@@ -48,9 +68,18 @@ def _coco_box(box: np.ndarray, w: int, h: int) -> list[float]:
 def coco_folder(tmp_path_factory):
     """images/ (24 synthetic JPEGs + broken files), train.json, val/ (8 of the images, as new
     photos) and val.json (their own image ids 5000+); categories with gapped ids."""
+    shared = _shared(tmp_path_factory)
+    with _exclusive(shared):
+        root = shared / "user_coco"
+        if not (root / "val.json").exists():
+            _write_coco_folder(root)
+    return root
+
+
+def _write_coco_folder(root: pathlib.Path) -> None:
     from ssd_jax.data import synthetic
 
-    root = tmp_path_factory.mktemp("user_coco")
+    root.mkdir()
     (root / "images").mkdir()
     (root / "val").mkdir()
     cats = [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, synthetic.CLASS_NAMES, strict=True)]
@@ -96,13 +125,25 @@ def coco_folder(tmp_path_factory):
         {"images": train_images, "annotations": train_anns, "categories": cats}))
     (root / "val.json").write_text(json.dumps(
         {"images": val_images, "annotations": val_anns, "categories": cats}))
-    return root
 
 
 @pytest.fixture(scope="session")
 def user_run(coco_folder, tmp_path_factory):
     """The commands a user types: train (no config file), predict on val/, evaluate."""
-    cwd = str(tmp_path_factory.mktemp("cwd"))
+    shared = _shared(tmp_path_factory)
+    with _exclusive(shared):
+        record = shared / "user_run.json"
+        if not record.exists():
+            record.write_text(json.dumps(_user_session(coco_folder, shared / "cwd")))
+        run = json.loads(record.read_text())
+    for step in ("train", "predict", "evaluate"):
+        run[step] = types.SimpleNamespace(**run[step])
+    return run
+
+
+def _user_session(coco_folder: pathlib.Path, cwd_path: pathlib.Path) -> dict:
+    cwd_path.mkdir()
+    cwd = str(cwd_path)
     work = os.path.join(cwd, "run")
     root = str(coco_folder)
     train = _run(
@@ -123,8 +164,9 @@ def user_run(coco_folder, tmp_path_factory):
     evaluate = _run("experiments.evaluate", f"--workdir={work}", "--metric=coco",
                     f"--out={cwd}/eval", cwd=cwd)
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
-    return {"cwd": cwd, "work": work, "root": root, "train": train, "predict": predict,
-            "evaluate": evaluate}
+    done = {k: {"returncode": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+            for k, p in (("train", train), ("predict", predict), ("evaluate", evaluate))}
+    return {"cwd": cwd, "work": work, "root": root, **done}
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -178,7 +179,11 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path):
     assert "None" not in str(e.value)
 
 
-def test_workdir_with_another_config_is_refused_before_it_is_touched(tmp_path):
+def test_workdir_with_another_config_is_refused_before_it_is_touched(tmp_path, monkeypatch):
+    # three runs of a workdir: compiled without backend optimizations (what is tested is the
+    # workdir's bookkeeping, not the numbers)
+    monkeypatch.setattr(train_lib, "make_steps", functools.partial(
+        train_lib.make_steps, compiler_options={"xla_backend_optimization_level": 0}))
     config = tiny_config()
     config.num_train_steps = 2
     config.checkpoint_every_steps = 0

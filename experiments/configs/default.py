@@ -73,9 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the host only decodes and resizes to a canvas, the jitted train step augments on the
     # accelerator (ssd_jax.augment), so the host's cores no longer cap the step rate.
     config.dataset.augment_on_device = False
-    config.dataset.canvas_size = 192           # (augment_on_device) side of the uint8 canvas each
-                                               # image is resized to on the host (the synthetic
-                                               # images' own size: no resize)
+    config.dataset.canvas_size = 192           # (augment_on_device) side of the uint8 canvas the
+                                               # host places each image on (top-left; scaled down
+                                               # only if larger); >= the largest image side
     config.max_boxes = 16              # ground truth per image, padded with label 0 ("no box")
 
     # Optimization.

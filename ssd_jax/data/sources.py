@@ -200,8 +200,9 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
         return value
 
     if bool(field(cfg, "augment_on_device")) and int(field(cfg, "canvas_size")) < 32:
-        raise ConfigError("config.dataset.canvas_size must be >= 32 (the side images are resized "
-                          f"to before the device augments them), got {field(cfg, 'canvas_size')}")
+        raise ConfigError("config.dataset.canvas_size must be >= 32 (the side of the canvas each "
+                          "image is placed on before the device augments it), got "
+                          f"{field(cfg, 'canvas_size')}")
     if kind == "synthetic":
         for name in ("num_train", "num_eval", "image_size"):
             if int(field(cfg, name)) < 1:

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from ssd_jax import box_ops
 from ssd_jax.models import CAFFE_MEAN
 
 MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -49,17 +50,6 @@ _WHOLE = (0.0, 0.0, 1.0, 1.0)
 def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
     """Per-example keys [B] from one key and the examples' global indices int [B]."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-
-
-def _iou(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Pairwise IoU of corner boxes a [T, 4], b [N, 4] -> [T, N] (0 for an empty union)."""
-    lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
-    rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = jnp.maximum(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / jnp.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
 def centres_inside(boxes: jax.Array, windows: jax.Array) -> jax.Array:
@@ -104,7 +94,7 @@ def sample_min_iou_crop(key: jax.Array, boxes: jax.Array, valid: jax.Array,
     x0 = jax.random.uniform(ks[3], (num_trials,)) * (1.0 - w)
     y0 = jax.random.uniform(ks[4], (num_trials,)) * (1.0 - h)
     windows = jnp.stack([x0, y0, x0 + w, y0 + h], axis=-1)  # [T, 4]
-    iou = jnp.where(valid[None, :], _iou(windows, boxes), -1.0)
+    iou = jnp.where(valid[None, :], box_ops.iou(windows, boxes), -1.0)
     centre_in = centres_inside(boxes, windows) & valid[None, :]
     ok = (aspect >= min_aspect) & (aspect <= max_aspect)
     ok &= ~jnp.any(valid) | ((jnp.max(iou, axis=1) >= min_iou) & jnp.any(centre_in, axis=1))

@@ -23,7 +23,8 @@ are used), so the per-class top-k does not sort every prior of every class.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,7 @@ def detect(
     variances: box_coder.Variances = (0.1, 0.2),
     nms_tile_size: int = 32,
     max_candidate_priors: int = 1024,
+    sort_top_k: bool = False,
 ) -> Detections:
     """Detections from SSD head outputs, as the paper and torchvision's postprocess_detections.
 
@@ -135,6 +137,9 @@ def detect(
       variances: box coder variances (0.1, 0.2).
       nms_tile_size: tile of the NMS (a speed knob only; results do not depend on it).
       max_candidate_priors: size of the compacted prior set (a speed knob only; 0: never compact).
+      sort_top_k: take the top-k with `top_k_by_sort` instead of `lax.top_k` (identical results;
+        for consumers that cannot run lax.top_k's StableHLO with a symbolic batch: TF's
+        XlaCallModule in an exported SavedModel).
 
     Returns:
       Detections with K = min(max_detections, (C-1) * min(pre_nms_top_k, P)) rows per image.
@@ -150,7 +155,8 @@ def detect(
         lambda offsets: jnp.clip(box_coder.decode(offsets, priors, variances), 0.0, 1.0),
         box_preds)  # [B, P, 4]
     fg = scores[..., 1:]  # [B, P, C-1]
-    args = (score_threshold, top_k, iou_threshold, max_detections, nms_tile_size)
+    args = (score_threshold, top_k, iou_threshold, max_detections, nms_tile_size,
+            top_k_by_sort if sort_top_k else jax.lax.top_k)
     m = min(max(max_candidate_priors, top_k), num_priors)
     if max_candidate_priors <= 0 or m == num_priors:
         return _per_class_detect(fg, boxes, *args)
@@ -168,8 +174,20 @@ def detect(
     return jax.lax.cond(fits, compacted, lambda: _per_class_detect(fg, boxes, *args))
 
 
+def top_k_by_sort(x: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`lax.top_k(x, k)` as a stable sort of the last axis: values [..., k] descending and their
+    int32 indices, ties to the lower index (as lax.top_k). Same results, a plain stablehlo.sort:
+    what an exported SavedModel runs (TF's StableHLO reader fails on lax.top_k's op when the
+    batch is symbolic). x: float [..., N] without NaN (and where +0.0 and -0.0 both occur, +0.0
+    ranks first: a total order); k <= N."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    neg, idx = jax.lax.sort((-x, iota), dimension=x.ndim - 1, num_keys=1, is_stable=True)
+    return -neg[..., :k], idx[..., :k]
+
+
 def _per_class_detect(fg: jnp.ndarray, boxes: jnp.ndarray, score_threshold: float, top_k: int,
-                      iou_threshold: float, max_detections: int, tile: int) -> Detections:
+                      iou_threshold: float, max_detections: int, tile: int,
+                      take_top_k: Callable[..., Any] = jax.lax.top_k) -> Detections:
     """fg [B, N, C-1] scores and boxes [B, N, 4] of N >= top_k (candidate) priors, in prior order.
 
     Per class: threshold, the top_k best (invalid ones sort last, as -inf), greedy NMS; then the
@@ -178,7 +196,7 @@ def _per_class_detect(fg: jnp.ndarray, boxes: jnp.ndarray, score_threshold: floa
     batch, num_fg = fg.shape[0], fg.shape[2]
     fg = jnp.swapaxes(fg, 1, 2)  # [B, C-1, N]
     fg = jnp.where(fg > score_threshold, fg, -jnp.inf)
-    cand_scores, cand_idx = jax.lax.top_k(fg, top_k)  # [B, C-1, k], sorted descending
+    cand_scores, cand_idx = take_top_k(fg, top_k)  # [B, C-1, k], sorted descending
     valid = cand_scores > -jnp.inf
     cand_boxes = jax.vmap(lambda b, i: b[i])(boxes, cand_idx)  # [B, C-1, k, 4]
 
@@ -188,7 +206,7 @@ def _per_class_detect(fg: jnp.ndarray, boxes: jnp.ndarray, score_threshold: floa
 
     k_out = min(max_detections, num_fg * top_k)
     flat_scores = jnp.where(keep, cand_scores, -jnp.inf).reshape(batch, -1)
-    best, order = jax.lax.top_k(flat_scores, k_out)  # [B, K]
+    best, order = take_top_k(flat_scores, k_out)  # [B, K]
     found = best > -jnp.inf
     classes = (order // top_k + 1).astype(jnp.int32)
     out_boxes = jnp.take_along_axis(cand_boxes.reshape(batch, -1, 4), order[..., None], axis=1)

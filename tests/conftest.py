@@ -5,12 +5,30 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 # Tests run on the CPU with one device unless a test spawns its own subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the session: both xdist workers and every subprocess a
+# test starts (they inherit the environment) reuse a program another test compiled (the tiny
+# config's train and eval steps are compiled by dozens of tests and command-line runs). A cache
+# hit is the same executable, so results are unchanged; removed when the session ends.
+# The controller process sets it before it starts the workers, which inherit it.
+_CACHE_OWNER = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else the user's own: kept
+if _CACHE_OWNER:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"ssd_jax_tests_xla_cache_{os.getpid()}")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE_OWNER:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 try:  # torch and torchvision (which loads triton) must load before TensorFlow in one process:
     # the other order segfaults (a test module that imports TF ahead of a torchvision one did)

@@ -216,6 +216,29 @@ def test_compacted_route_matches_torchvision_and_the_dense_route():
         assert_matches_torchvision(sparse, torchvision_detect(lg, offsets, pri))
 
 
+def test_top_k_by_sort_is_lax_top_k():
+    """The export's top-k (a stable sort) returns lax.top_k's values and indices, ties included
+    (ties go to the lower index), -inf padding and k = N; and detect with it is bit-identical."""
+    rng = np.random.default_rng(6)
+    x = rng.choice(np.array([-np.inf, 0.0, 0.25, 0.5, 0.75, 1.0], np.float32), (3, 5, 64))
+    x[0, 0] = -np.inf
+    for k in (1, 7, 64):
+        want = jax.lax.top_k(x, k)
+        got = postprocess.top_k_by_sort(x, k)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        assert got[1].dtype == want[1].dtype
+    pri = priors.generate_priors(SMALL_SPEC)
+    logits, offsets = trained_like_outputs(rng, 2, pri.shape[0], 6, num_candidates=60)
+    for max_priors in (0, 400):
+        want, got = (jax.device_get(jax.jit(lambda c, b, s=s, m=max_priors: postprocess.detect(
+            c, b, pri, max_candidate_priors=m, sort_top_k=s))(logits, offsets))
+            for s in (False, True))
+        assert int(np.sum(want.num_detections)) > 20
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("max_priors, top_k", [(30, 5), (150, 5), (150, 400)])
 def test_routes_at_their_limits(max_priors, top_k):
     """An image with more candidate priors than the compacted set (30: the route over all

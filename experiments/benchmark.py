@@ -7,7 +7,8 @@
 
 Suites (experiments/benchmarks/*.py): core (matching + multibox loss), model (forward and train
 step), detect (post-processing), inference (network + detect, end to end), data (input pipeline;
-needs TensorFlow). The table prints images/sec for ours, the peer, and their ratio. `--help` lists
+needs TensorFlow), export (latency of the exported artifacts against predict's function). The
+table prints images/sec for ours, the peer, and their ratio. `--help` lists
 every suite's flags (--core_batch, --model_batch, --detect_tile, --inference_batches, ...). Never
 imported by tests for timing.
 
@@ -32,7 +33,7 @@ from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 
-SUITES = ("core", "model", "detect", "inference", "data")
+SUITES = ("core", "model", "detect", "inference", "data", "export")
 
 #: The project's throughput targets (img/s), set against torchvision and a plain JAX SSD300 on ONE
 #: NVIDIA H200; `--targets` runs just these rows (2 train-step and 2 inference programs) and

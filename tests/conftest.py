@@ -75,6 +75,11 @@ def tfds_mock(monkeypatch):
     """tfds.testing.mock_data (5 examples per split) with consistent sequence lengths (tfds' random
     generator draws a different length per field of a Sequence) and boxes with min <= max
     (required to encode them); a third of the boxes are degenerate (zero width)."""
+    yield from mock_tfds(monkeypatch, num_examples=5)
+
+
+def mock_tfds(monkeypatch, num_examples: int):
+    """The body of the `tfds_mock` fixture with `num_examples` per split (a generator)."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import features as tfds_features
     from tensorflow_datasets.testing import mocking
@@ -93,5 +98,5 @@ def tfds_mock(monkeypatch):
         return x
 
     monkeypatch.setattr(gen, "_generate_random_obj", random_obj)
-    with tfds.testing.mock_data(num_examples=5):
+    with tfds.testing.mock_data(num_examples=num_examples):
         yield

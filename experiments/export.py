@@ -1,12 +1,13 @@
-"""Export a trained SSD for serving: a serialized JAX program, a TF SavedModel (see ssd_jax.export).
+"""Export a trained SSD for serving: a serialized JAX program, a TF SavedModel, ONNX (ssd_jax.export).
 
-    python -m experiments.export --workdir=RUN_DIR --out=EXPORT_DIR --format=jax,savedmodel
+    python -m experiments.export --workdir=RUN_DIR --out=EXPORT_DIR --format=jax,savedmodel,onnx
     python -m experiments.export --workdir=RUN_DIR --step=2000 --out=EXPORT_DIR --format=jax
         --platforms=cpu,cuda,tpu
     python -m experiments.export --torchvision_checkpoint=ssd300_vgg16_coco-b556d3b4.pth
         --out=EXPORT_DIR --format=jax
 
-Written to --out: one artifact per format (ssd.jax, saved_model/) and export.json (input size,
+Written to --out: one artifact per format (ssd.jax, saved_model/, ssd.onnx + ssd.onnx.data) and
+export.json (input size,
 class names and ids, detect settings, version, checkpoint step). The work is
 `ssd_jax.export.export`; this file holds the flags and the printing.
 """
@@ -31,9 +32,11 @@ def define_flags() -> None:
                         "ssdlite320_mobilenet_v3_large state dict (.pth/.pt/.safetensors), "
                         "converted on the fly (instead of --workdir).")
     flags.DEFINE_string("out", None, "Output folder for the artifacts and export.json.")
-    flags.DEFINE_multi_string("format", None, "jax, savedmodel (comma separated or repeated).")
-    flags.DEFINE_list("platforms", ["cpu"], "Platforms the program is compiled for: cpu, cuda, "
-                      "rocm, tpu (comma separated); the artifact runs on any of them.")
+    flags.DEFINE_multi_string("format", None, "jax, savedmodel, onnx (comma separated or "
+                              "repeated).")
+    flags.DEFINE_list("platforms", ["cpu"], "Platforms the jax and savedmodel programs are "
+                      "lowered for: cpu, cuda, rocm, tpu (comma separated); the artifact runs on "
+                      "any of them (ONNX is platform-free).")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                       "Compute dtype (default: the run's config.dtype; float32 for torchvision).")
 

@@ -22,10 +22,16 @@ Formats (`FORMATS`):
     no extra dependency; orbax-export is a wrapper of the same conversion), whose graph carries
     the function's StableHLO program (top-k taken by a sort: TF 2.21 cannot run lax.top_k's op
     with a symbolic batch); served by TF without jax.
+  onnx: `jax2onnx`'s conversion of the same function (NMS as ONNX Loop and TopK; the weights in
+    ssd.onnx.data beside it), served by onnxruntime. tf2onnx cannot read jax2tf's XlaCallModule,
+    so jax2onnx is the converter; it is installed with --no-deps (its orbax-checkpoint<0.11.37
+    pin is for its examples only and would downgrade this project's orbax).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -36,10 +42,10 @@ import numpy as np
 
 from ssd_jax.errors import UserError
 
-FORMATS = ("jax", "savedmodel")
+FORMATS = ("jax", "savedmodel", "onnx")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 #: The artifact of each format, in the export folder.
-ARTIFACTS = {"jax": "ssd.jax", "savedmodel": "saved_model"}
+ARTIFACTS = {"jax": "ssd.jax", "savedmodel": "saved_model", "onnx": "ssd.onnx"}
 METADATA = "export.json"
 OUTPUTS = ("boxes", "scores", "classes", "num_detections")
 
@@ -108,6 +114,116 @@ def save_savedmodel(predictor: Any, path: str, platforms: Sequence[str] = ("cpu"
         lambda images: converted(images), autograph=False,
         input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8, name="images")])
     tf.saved_model.save(module, path, signatures={"serving_default": module.detect})
+
+
+def save_onnx(predictor: Any, path: str) -> None:
+    """An ONNX model at `path` (weights in `path + ".data"` beside it): input `images` uint8
+    [N, S, S, 3], outputs boxes, scores, classes, num_detections, made by jax2onnx from
+    `serving_fn` (the whole function, NMS included: ONNX Loop/TopK, no approximation).
+
+    Detect's compaction of candidate priors is switched off for ONNX (`max_candidate_priors=0`:
+    tested identical results; its `nonzero` lowers to a scatter jax2onnx cannot convert), and
+    `_jax2onnx_fixes` works around jax2onnx 0.17.1's bugs while converting.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    _check_onnx()
+    from jax2onnx import to_onnx
+
+    from ssd_jax import inference
+
+    dense = dataclasses.replace(predictor, fn=inference.make_detect_fn(
+        predictor.model, {**predictor.detect_kwargs, "max_candidate_priors": 0}))
+    serve = serving_fn(dense)
+    s = predictor.image_size
+    for p in (path, path + ".data"):  # to_onnx refuses an existing weights file
+        if os.path.exists(p):
+            os.remove(p)
+    with _jax2onnx_fixes():
+        to_onnx(lambda images: tuple(serve(images)[k] for k in OUTPUTS),
+                [jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"N,{s},{s},3"), jnp.uint8)],
+                model_name="ssd_jax_detector", opset=23, return_mode="file", output_path=path,
+                input_names=["images"], output_names=list(OUTPUTS))
+
+
+@contextlib.contextmanager
+def _jax2onnx_fixes():
+    """jax2onnx 0.17.1 fails on three things this function uses; patched while converting, and
+    restored after (each equality is tested on the converted model against predict):
+
+    1. `lax.fori_loop` with traced bounds (the NMS's loop over active tiles): its plugin calls
+       int() on the bound. Such loops go to jax's own fori_loop (a while_loop -> ONNX Loop).
+    2. A symbolic batch in shapes built by some plugins (rem, pad, select): onnx_ir calls int() on
+       jax's symbolic dimension. It becomes an ONNX symbolic dimension of the same name.
+    3. `flax.linen.max_pool`: its plugin takes window_shape keyword-only, rejects padding pairs,
+       and its lowering gives a MaxPool over 4 spatial dims that onnxruntime refuses. Pooling is
+       done as a (1, k, k) window over [N*C, H, W] instead (a 2-D MaxPool; max is exact).
+    """
+    import jax
+    import jax.numpy as jnp
+    import onnx_ir._core as ir_core
+    from jax._src.export import shape_poly
+    from jax2onnx.plugins.flax.linen import max_pool as max_pool_plugin
+    from jax2onnx.plugins.flax.linen import pool as pool_plugin
+    from jax2onnx.plugins.jax.lax import fori_loop as fori_plugin
+
+    fori = fori_plugin.ForiLoopPlugin
+    saved = [(fori, "_fori_loop_binding", fori.__dict__["_fori_loop_binding"]),
+             (ir_core, "_maybe_convert_to_symbolic_dim", ir_core._maybe_convert_to_symbolic_dim),
+             (max_pool_plugin.MaxPoolPlugin, "_make_patch",
+              max_pool_plugin.MaxPoolPlugin.__dict__["_make_patch"]),
+             (pool_plugin.PoolPlugin, "get_monkey_patch",
+              pool_plugin.PoolPlugin.__dict__["get_monkey_patch"])]
+    static_binding = fori._fori_loop_binding.__func__
+
+    def fori_binding(cls, lower, upper, body_fun, init_val):
+        if isinstance(lower, jax.core.Tracer) or isinstance(upper, jax.core.Tracer):
+            return cls._ORIG_FORI_LOOP(lower, upper, body_fun, init_val)
+        return static_binding(cls, lower, upper, body_fun, init_val)
+
+    to_dim = ir_core._maybe_convert_to_symbolic_dim
+
+    def symbolic_dim(dim):
+        if isinstance(dim, shape_poly._DimExpr):
+            return ir_core.SymbolicDim(str(dim))
+        return to_dim(dim)
+
+    def max_pool(inputs, window_shape, strides=None, padding="VALID"):
+        window, strides = tuple(window_shape), tuple(strides or (1,) * len(window_shape))
+        n, h, w, c = inputs.shape
+        pads = (jax.lax.padtype_to_pads((h, w), window, strides, padding)
+                if isinstance(padding, str) else tuple(tuple(p) for p in padding))
+        x = jnp.transpose(inputs, (0, 3, 1, 2)).reshape(n * c, h, w)
+        y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1,) + window, (1,) + strides,
+                                  ((0, 0),) + tuple(pads))
+        return jnp.transpose(y.reshape(n, c, y.shape[1], y.shape[2]), (0, 2, 3, 1))
+
+    fori._fori_loop_binding = classmethod(fori_binding)
+    ir_core._maybe_convert_to_symbolic_dim = symbolic_dim
+    max_pool_plugin.MaxPoolPlugin._make_patch = classmethod(lambda cls, orig: max_pool)
+    pool_plugin.PoolPlugin.get_monkey_patch = classmethod(lambda cls, orig: orig)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _check_onnx() -> None:
+    """UserError unless jax2onnx, onnx and onnxruntime import (jax2onnx's optional plugins for
+    libraries this project does not use log their absence: silenced)."""
+    import logging
+
+    logging.getLogger("jax2onnx").setLevel(logging.ERROR)
+    try:
+        import jax2onnx  # noqa: F401
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"--format=onnx needs {e.name or 'jax2onnx'} (not installed): pip install "
+                        "--no-deps jax2onnx==0.17.1 && pip install onnx onnx-ir onnxruntime "
+                        "(README, 'Export for serving')") from None
 
 
 def _import_tf() -> Any:
@@ -182,6 +298,8 @@ def export(predictor: Any, out_dir: str, formats: Sequence[str] = ("jax",),
     platforms = _check_platforms(platforms)
     if "savedmodel" in formats:
         _import_tf()
+    if "onnx" in formats:
+        _check_onnx()
     os.makedirs(out_dir, exist_ok=True)
     paths = {f: os.path.join(out_dir, ARTIFACTS[f]) for f in formats}
     paths["metadata"] = os.path.join(out_dir, METADATA)
@@ -202,6 +320,8 @@ def export(predictor: Any, out_dir: str, formats: Sequence[str] = ("jax",),
                 shutil.rmtree(tmp)
             save_savedmodel(predictor, tmp, platforms)
             os.replace(tmp, paths[f])
+        elif f == "onnx":
+            save_onnx(predictor, paths[f])
     with open(paths["metadata"], "w") as fh:
         json.dump(metadata(predictor, formats, platforms), fh, indent=1)
     return paths

@@ -45,6 +45,21 @@ np.savez({result!r}, **out)
 """
 
 
+# Runs the ONNX model with onnxruntime alone.
+_ONNX = """
+import numpy as np, onnxruntime as ort
+options = ort.SessionOptions()
+options.log_severity_level = 3  # its notes on unused initializers of loop bodies
+session = ort.InferenceSession({path!r}, options, providers=["CPUExecutionProvider"])
+names = [o.name for o in session.get_outputs()]
+images = np.load({images!r})
+out = {{}}
+for n in {batches!r}:
+    out.update({{f"{{k}}_{{n}}": v for k, v in zip(names, session.run(None, {{"images": images[:n]}}))}})
+np.savez({result!r}, **out)
+"""
+
+
 def readme_loader() -> str:
     """The README's loader of the jax artifact (the ```python block after "<!-- jax loader -->")."""
     with open(os.path.join(ROOT, "README.md")) as f:
@@ -128,6 +143,14 @@ def _check_artifacts(predictor, out: str, tmp_path, batches: tuple[int, ...]) ->
     for n in batches:
         _assert_same(got, want[n], f"_{n}")
 
+    # onnx: onnxruntime only
+    _run(_ONNX.format(path=os.path.join(out, "ssd.onnx"), images=str(tmp_path / "images.npy"),
+                      batches=batches, result=str(tmp_path / "onnx.npz")),
+         blocked=("ssd_jax", "flax", "jax", "jaxlib", "tensorflow"), cwd=str(tmp_path))
+    got = np.load(tmp_path / "onnx.npz")
+    for n in batches:
+        _assert_same(got, want[n], f"_{n}")
+
 
 @pytest.fixture(scope="module")
 def trained_predictor(tmp_path_factory):
@@ -147,8 +170,8 @@ def test_exports_of_a_trained_run_equal_predict(trained_predictor, tmp_path):
     predictor = dataclasses.replace(predictor, category_ids=tuple(
         100 + 7 * i for i in range(len(predictor.category_ids))))
     out = str(tmp_path / "export")
-    paths = export.export(predictor, out, formats=("jax", "savedmodel"))
-    assert set(paths) == {"jax", "savedmodel", "metadata"}
+    paths = export.export(predictor, out, formats=("jax", "savedmodel", "onnx"))
+    assert set(paths) == {"jax", "savedmodel", "onnx", "metadata"}
     _check_artifacts(predictor, out, tmp_path, batches=(3, 1))
 
 
@@ -165,7 +188,7 @@ def test_exports_of_a_converted_torchvision_ssd300_equal_predict(tmp_path):
     torch.save(model.state_dict(), pth)
     predictor = inference.load_predictor(torchvision_checkpoint=str(pth))
     out = str(tmp_path / "export")
-    export.export(predictor, out, formats="jax,savedmodel")
+    export.export(predictor, out, formats="jax,savedmodel,onnx")
     assert json.load(open(os.path.join(out, export.METADATA)))["categories"][0] == {
         "id": 1, "name": "person"}
     _check_artifacts(predictor, out, tmp_path, batches=(2,))
@@ -184,6 +207,16 @@ def test_export_refuses_what_it_cannot_do(trained_predictor, tmp_path):
     assert not (tmp_path / "saved_model").exists()
 
 
+def test_a_missing_converter_is_one_line_before_anything_is_written(trained_predictor, tmp_path,
+                                                                    monkeypatch):
+    _, predictor = trained_predictor
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"--format=onnx needs onnxruntime \(not installed\): "
+                                        r"pip install"):
+        export.export(predictor, str(tmp_path), ("jax", "onnx"))
+    assert os.listdir(tmp_path) == []
+
+
 def _cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "experiments.export", *args], cwd=cwd, env=env,
@@ -200,7 +233,8 @@ def test_export_command_writes_the_artifacts_and_explains_mistakes(trained_predi
     assert json.load(open(out / "export.json"))["platforms"] == ["cpu", "cuda"]
     for args, message in [
         ((f"--workdir={workdir}", f"--out={tmp_path / 'x'}", "--format=tflite"),
-         "error: --format=tflite: unknown format 'tflite'; choose one or more of jax, savedmodel"),
+         "error: --format=tflite: unknown format 'tflite'; choose one or more of jax, savedmodel, "
+         "onnx"),
         ((f"--workdir={tmp_path}", f"--out={tmp_path / 'x'}", "--format=jax"),
          f"error: --workdir={tmp_path} is not a training workdir"),
         ((f"--workdir={workdir}", f"--out={out}", "--format=jax"),

@@ -2,8 +2,9 @@
 
 For each model and batch size: `experiments.predict`'s jitted network + detect (the reference),
 the jax artifact (`jax.export` program, deserialized and called as a server would: bytes ->
-`deserialize(...).call(images)`), and the TF SavedModel's `serving_default` (TensorFlow runs the
-same program through XlaCallModule; needs TensorFlow: skipped with a note where it is missing).
+`deserialize(...).call(images)`), the TF SavedModel's `serving_default` (TensorFlow runs the
+same program through XlaCallModule) and the ONNX model in onnxruntime (CPU provider, its default
+threads); each row is left out where its runtime is not installed.
 Milliseconds per batch of uint8 images already in host memory; lower is better. The models are
 randomly initialized with a trained-like class head (a few dozen detections per image, as in the
 inference suite).
@@ -58,6 +59,22 @@ def _savedmodel(predictor: ssd_inference.Predictor, folder: str) -> Any:
     return lambda images: serve(images=tf.constant(images))
 
 
+def _onnx(predictor: ssd_inference.Predictor, folder: str) -> Any:
+    """The ONNX model's onnxruntime session as a function, or None without the converter."""
+    try:
+        ssd_export._check_onnx()
+    except UserError:
+        return None
+    import onnxruntime as ort
+
+    path = os.path.join(folder, "ssd.onnx")
+    ssd_export.save_onnx(predictor, path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"images": images})
+
+
 def run(args: Any) -> list[Row]:
     names = ["compact"] if args.quick else items(args.export_models)
     batches = [1] if args.quick else int_items(args.export_batches, "--export_batches")
@@ -73,12 +90,13 @@ def run(args: Any) -> list[Row]:
         artifact = jax.export.deserialize(bytearray(ssd_export.export_jax(predictor)))
         with tempfile.TemporaryDirectory() as folder:
             tf_serve = _savedmodel(predictor, folder)
+            onnx_serve = _onnx(predictor, folder)
             for b in batches:
-                rows += _rows(label, b, predictor, artifact, tf_serve, timing)
+                rows += _rows(label, b, predictor, artifact, tf_serve, onnx_serve, timing)
     return rows
 
 
-def _rows(label: str, b: int, predictor: Any, artifact: Any, tf_serve: Any,
+def _rows(label: str, b: int, predictor: Any, artifact: Any, tf_serve: Any, onnx_serve: Any,
           timing: dict[str, Any]) -> list[Row]:
     images = inference_suite.images_batch(b, size=predictor.image_size)
     ref = time_jax(lambda: predictor(images), **timing)
@@ -91,4 +109,8 @@ def _rows(label: str, b: int, predictor: Any, artifact: Any, tf_serve: Any,
         t = time_jax(lambda: [v.numpy() for v in tf_serve(images).values()], **timing)
         rows.append(Row(f"export/savedmodel {label} b={b}", t * 1e3, unit="ms/batch",
                         note=f"{t / ref:.2f}x predict's latency (TensorFlow)"))
+    if onnx_serve is not None:
+        t = time_jax(lambda: onnx_serve(images), **timing)
+        rows.append(Row(f"export/onnx {label} b={b}", t * 1e3, unit="ms/batch",
+                        note=f"{t / ref:.2f}x predict's latency (onnxruntime)"))
     return rows

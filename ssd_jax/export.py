@@ -34,7 +34,9 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,7 +115,8 @@ def save_savedmodel(predictor: Any, path: str, platforms: Sequence[str] = ("cpu"
     module.detect = tf.function(
         lambda images: converted(images), autograph=False,
         input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8, name="images")])
-    tf.saved_model.save(module, path, signatures={"serving_default": module.detect})
+    with _no_info_logs():
+        tf.saved_model.save(module, path, signatures={"serving_default": module.detect})
 
 
 def save_onnx(predictor: Any, path: str) -> None:
@@ -140,11 +143,34 @@ def save_onnx(predictor: Any, path: str) -> None:
     for p in (path, path + ".data"):  # to_onnx refuses an existing weights file
         if os.path.exists(p):
             os.remove(p)
-    with _jax2onnx_fixes():
+    for name in list(logging.root.manager.loggerDict):  # its modules set their own levels
+        if name.split(".")[0] in ("jax2onnx", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    with _no_info_logs(), _jax2onnx_fixes():
         to_onnx(lambda images: tuple(serve(images)[k] for k in OUTPUTS),
                 [jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"N,{s},{s},3"), jnp.uint8)],
                 model_name="ssd_jax_detector", opset=23, return_mode="file", output_path=path,
                 input_names=["images"], output_names=list(OUTPUTS))
+
+
+@contextlib.contextmanager
+def _no_info_logs():
+    """The converters log their arguments and files at INFO on the root logger (which absl's
+    commands show): not the user's concern while the export's own lines say what was written."""
+    from absl import logging as absl_logging
+
+    loggers = [logging.root, logging.getLogger("tensorflow")]
+    levels = [lg.level for lg in loggers]
+    verbosity = absl_logging.get_verbosity()
+    for lg, level in zip(loggers, levels):
+        lg.setLevel(max(level, logging.WARNING))
+    absl_logging.set_verbosity(min(verbosity, absl_logging.WARNING))
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -213,9 +239,9 @@ def _jax2onnx_fixes():
 def _check_onnx() -> None:
     """UserError unless jax2onnx, onnx and onnxruntime import (jax2onnx's optional plugins for
     libraries this project does not use log their absence: silenced)."""
-    import logging
-
     logging.getLogger("jax2onnx").setLevel(logging.ERROR)
+    # onnx_ir notes each constant whose type it leaves to the runtime: not the user's concern
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     try:
         import jax2onnx  # noqa: F401
         import onnx  # noqa: F401
@@ -307,21 +333,49 @@ def export(predictor: Any, out_dir: str, formats: Sequence[str] = ("jax",),
         if os.path.exists(p):
             raise UserError(f"--out={out_dir} already holds {os.path.basename(p)}: give another "
                             "--out or remove it")
-    for f in formats:
-        if f == "jax":
-            blob = export_jax(predictor, platforms)
-            with open(paths[f] + ".tmp", "wb") as fh:
-                fh.write(blob)
-            os.replace(paths[f] + ".tmp", paths[f])
-        elif f == "savedmodel":
-            tmp = paths[f] + ".tmp"
-            if os.path.exists(tmp):
-                import shutil
-                shutil.rmtree(tmp)
-            save_savedmodel(predictor, tmp, platforms)
-            os.replace(tmp, paths[f])
-        elif f == "onnx":
-            save_onnx(predictor, paths[f])
-    with open(paths["metadata"], "w") as fh:
-        json.dump(metadata(predictor, formats, platforms), fh, indent=1)
+    written: list[str] = []
+    try:
+        for f in formats:
+            _write(f, predictor, paths[f], platforms, written)
+        with open(paths["metadata"] + ".tmp", "w") as fh:
+            json.dump(metadata(predictor, formats, platforms), fh, indent=1)
+        os.replace(paths["metadata"] + ".tmp", paths["metadata"])
+    except BaseException:  # a failed or interrupted export leaves nothing half-done behind
+        for p in written + [paths["metadata"] + ".tmp"]:
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.remove(p)
+        raise
     return paths
+
+
+def _write(fmt: str, predictor: Any, path: str, platforms: Sequence[str],
+           written: list[str]) -> None:
+    """One artifact at `path`, built under a temporary name and renamed into place; every path
+    it creates is appended to `written` first (the caller removes them on failure)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    written.append(tmp)
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    if fmt == "jax":
+        blob = export_jax(predictor, platforms)
+        with open(tmp, "wb") as fh:
+            fh.write(blob)
+        written.append(path)
+        os.replace(tmp, path)
+    elif fmt == "savedmodel":
+        save_savedmodel(predictor, tmp, platforms)
+        written.append(path)
+        os.replace(tmp, path)
+    elif fmt == "onnx":  # the model names its weights file: both are built in a folder, then moved
+        os.makedirs(tmp)
+        save_onnx(predictor, os.path.join(tmp, os.path.basename(path)))
+        written += [path + ".data", path]
+        if os.path.exists(os.path.join(tmp, os.path.basename(path) + ".data")):
+            # written 0600 by onnx_ir; readable like the model beside it (a server's user)
+            os.chmod(os.path.join(tmp, os.path.basename(path) + ".data"),
+                     os.stat(os.path.join(tmp, os.path.basename(path))).st_mode & 0o777)
+            os.replace(os.path.join(tmp, os.path.basename(path) + ".data"), path + ".data")
+        os.replace(os.path.join(tmp, os.path.basename(path)), path)
+        os.rmdir(tmp)

@@ -14,6 +14,13 @@ import pytest
 # Tests run on the CPU with one device unless a test spawns its own subprocess.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Tests compile far more than they run: without XLA's backend (LLVM) optimizations a program
+# compiles several times faster (convolutions and matmuls still run in oneDNN/Eigen). Inherited
+# by the subprocesses tests start; a test that sets XLA_FLAGS itself replaces it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_backend_optimization_level=0").strip()
+
 # One persistent XLA compilation cache for the session: both xdist workers and every subprocess a
 # test starts (they inherit the environment) reuse a program another test compiled (the tiny
 # config's train and eval steps are compiled by dozens of tests and command-line runs). A cache

@@ -207,6 +207,20 @@ def test_export_refuses_what_it_cannot_do(trained_predictor, tmp_path):
     assert not (tmp_path / "saved_model").exists()
 
 
+def test_a_failed_export_leaves_nothing_behind(trained_predictor, tmp_path, monkeypatch):
+    _, predictor = trained_predictor
+
+    def broken(predictor, path):
+        with open(path, "wb") as f:
+            f.write(b"half a model")
+        raise RuntimeError("the converter failed")
+
+    monkeypatch.setattr(export, "save_onnx", broken)
+    with pytest.raises(RuntimeError, match="the converter failed"):
+        export.export(predictor, str(tmp_path / "out"), ("jax", "onnx"))
+    assert os.listdir(tmp_path / "out") == []  # the finished ssd.jax went too: no partial export
+
+
 def test_a_missing_converter_is_one_line_before_anything_is_written(trained_predictor, tmp_path,
                                                                     monkeypatch):
     _, predictor = trained_predictor

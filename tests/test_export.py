@@ -177,15 +177,10 @@ def test_exports_of_a_trained_run_equal_predict(trained_predictor, tmp_path):
 
 def test_exports_of_a_converted_torchvision_ssd300_equal_predict(tmp_path):
     torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None)
-    with torch.no_grad():  # trained-like outputs: background dominates, a few confident priors
-        for conv in model.head.classification_head.module_list:
-            conv.weight.mul_(0.3)
-            conv.bias.view(-1, 91)[:, 0] += 12.0
+    from tests.test_predict_evaluate import trained_like_torchvision_ssd300
+
     pth = tmp_path / "ssd300.pth"
-    torch.save(model.state_dict(), pth)
+    torch.save(trained_like_torchvision_ssd300().state_dict(), pth)
     predictor = inference.load_predictor(torchvision_checkpoint=str(pth))
     out = str(tmp_path / "export")
     export.export(predictor, out, formats="jax,savedmodel,onnx")

@@ -218,17 +218,25 @@ def test_evaluate_with_another_dataset_config_checks_the_classes(trained_run):
 # ----------------------------------------------------------------------------- torchvision parity
 
 
-def test_torchvision_checkpoint_matches_torchvision_eval_detections(tmp_path):
-    """Our predict path on a converted seeded ssd300_vgg16 == torchvision's model.eval()(images)."""
-    torch = pytest.importorskip("torch")
-    torchvision = pytest.importorskip("torchvision")
+def trained_like_torchvision_ssd300():
+    """torchvision's ssd300_vgg16 (COCO's 91 classes), seeded, in eval mode, with trained-like
+    outputs: the class head scaled and background biased (a few confident priors per image)."""
+    import torch
+    import torchvision
+
     torch.manual_seed(0)
     model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None)
-    with torch.no_grad():  # trained-like outputs: background dominates, a few confident priors
+    with torch.no_grad():
         for conv in model.head.classification_head.module_list:
             conv.weight.mul_(0.3)
             conv.bias.view(-1, 91)[:, 0] += 12.0
-    model.eval()
+    return model.eval()
+
+
+def test_torchvision_checkpoint_matches_torchvision_eval_detections(tmp_path):
+    """Our predict path on a converted seeded ssd300_vgg16 == torchvision's model.eval()(images)."""
+    torch = pytest.importorskip("torch")
+    model = trained_like_torchvision_ssd300()
     pth = tmp_path / "ssd300.pth"
     torch.save(model.state_dict(), pth)
 

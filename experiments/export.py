@@ -7,9 +7,8 @@
         --out=EXPORT_DIR --format=jax
 
 Written to --out: one artifact per format (ssd.jax, saved_model/, ssd.onnx + ssd.onnx.data) and
-export.json (input size,
-class names and ids, detect settings, version, checkpoint step). The work is
-`ssd_jax.export.export`; this file holds the flags and the printing.
+export.json (input size, class names and ids, detect settings, version, checkpoint step). The work
+is `ssd_jax.export.export`; this file holds the flags and the printing.
 """
 
 from __future__ import annotations
@@ -26,19 +25,15 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command's flags (defined by `run`: several commands can be imported in one process)."""
-    flags.DEFINE_string("workdir", None, "Training workdir (run_info.json + checkpoints/).")
-    flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-    flags.DEFINE_string("torchvision_checkpoint", None, "A torchvision ssd300_vgg16 or "
-                        "ssdlite320_mobilenet_v3_large state dict (.pth/.pt/.safetensors), "
-                        "converted on the fly (instead of --workdir).")
+    cli.define_predictor_flags()
+    for name in cli.PREDICTOR_FLAGS:
+        flags.declare_key_flag(name)
     flags.DEFINE_string("out", None, "Output folder for the artifacts and export.json.")
     flags.DEFINE_multi_string("format", None, "jax, savedmodel, onnx (comma separated or "
                               "repeated).")
     flags.DEFINE_list("platforms", ["cpu"], "Platforms the jax and savedmodel programs are "
                       "lowered for: cpu, cuda, rocm, tpu (comma separated); the artifact runs on "
                       "any of them (ONNX is platform-free).")
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                      "Compute dtype (default: the run's config.dtype; float32 for torchvision).")
 
 
 def main(argv: Sequence[str]) -> None:

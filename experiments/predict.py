@@ -29,19 +29,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command's flags (defined by `run`, so that importing several commands in one
     process never clashes on names like --workdir)."""
-    flags.DEFINE_string("workdir", None, "Training workdir (run_info.json + checkpoints/).")
-    flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-    flags.DEFINE_string("torchvision_checkpoint", None, "A torchvision ssd300_vgg16 or "
-                        "ssdlite320_mobilenet_v3_large state dict (.pth/.pt/.safetensors; "
-                        "recognized from its keys), converted on the fly (instead of --workdir).")
+    cli.define_predictor_flags()
+    for name in cli.PREDICTOR_FLAGS:
+        flags.declare_key_flag(name)
     flags.DEFINE_multi_string("images", None, "Image files and/or folders; comma separated or repeated.")
     flags.DEFINE_string("out", None, "Output folder for the PNGs and detections.json.")
     flags.DEFINE_string("annotations", None, "A COCO-JSON file listing the images: detections.json "
                         "then uses its image ids (as pycocotools' loadRes expects).")
     flags.DEFINE_integer("batch_size", 8, "Images per jitted call (fixed; the last batch is padded).")
     flags.DEFINE_float("min_score", 0.3, "Smallest score drawn on the PNGs (the JSON keeps all).")
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                      "Compute dtype (default: the run's config.dtype; float32 for torchvision).")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -266,6 +266,23 @@ def format_config(config: Any, comments: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- running
 
 
+#: Defined by `define_predictor_flags`; a command declares them key flags (listed by its --help).
+PREDICTOR_FLAGS = ("workdir", "step", "torchvision_checkpoint", "dtype")
+
+
+def define_predictor_flags() -> None:
+    """The flags that choose the model of predict and export (`inference.load_predictor`'s
+    arguments): --workdir [--step] or --torchvision_checkpoint, and --dtype. The calling command
+    then declares PREDICTOR_FLAGS key flags, so that its --help lists them."""
+    flags.DEFINE_string("workdir", None, "Training workdir (run_info.json + checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+    flags.DEFINE_string("torchvision_checkpoint", None, "A torchvision ssd300_vgg16 or "
+                        "ssdlite320_mobilenet_v3_large state dict (.pth/.pt/.safetensors; "
+                        "recognized from its keys), converted on the fly (instead of --workdir).")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                      "Compute dtype (default: the run's config.dtype; float32 for torchvision).")
+
+
 def parse_flags(fv: flags.FlagValues, program: str, argv: Sequence[str]) -> None:
     """Parse command-line flags `argv` (no program name) into `fv`, a FlagValues of a command's
     own, for calling the command from Python; a bad flag or a stray argument is a UserError."""

@@ -630,9 +630,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               f"  TensorBoard: tensorboard --logdir {workdir}\n  pictures: {samples_png}\n"
               f"  log: {log.path}", flush=True)
     try:
+        # the synthetic images are generated in worker processes while the steps compile
+        data.start_loading()
         return _train(config, workdir, data, info, manager, samples_png, metric_writers,
                       evaluation)
     finally:
+        data.close()
         manager.close()
         log.close()
 
@@ -648,8 +651,9 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
     state = jax.device_put(restore_or_init(manager, create_train_state(config, model, tx)),
                            steps.replicated)
     compile_steps(steps, state, config, size)
-    # XLA's compiles leave ~0.5 GB of freed heap: back to the OS before the data is loaded (the
-    # synthetic images are generated on first read), so the two never add up in the peak.
+    # XLA's compiles leave ~0.5 GB of freed heap: back to the OS before the data is read (the
+    # synthetic images are generated meanwhile into a buffer this process touches only when it
+    # reads them), so the two never add up in the peak.
     release_freed_memory()
     eval_batches = data.eval_iterator(
         image_size=size, batch_size=local_eval_batch, max_boxes=config.max_boxes,

@@ -167,6 +167,61 @@ def test_generate_split_layout() -> None:
         assert split["image_id"][i] == ex["image_id"]
 
 
+@pytest.mark.parametrize("processes", [1, 3])
+def test_worker_processes_give_the_same_split(processes) -> None:
+    """generate_split in worker processes (a shared buffer) equals the in-process loop, bit for
+    bit, including the padding; an uneven share (7 over 3) covers every example once."""
+    n, size = 7, 64
+    here = synthetic.generate_split(3, "val", n, image_size=size)
+    there = synthetic.generate_split(3, "val", n, image_size=size, processes=processes)
+    assert set(there) == set(here)
+    for k in here:
+        assert there[k].dtype == here[k].dtype and there[k].shape == here[k].shape, k
+        np.testing.assert_array_equal(there[k], here[k], err_msg=k)
+
+
+def test_a_failing_worker_is_an_error(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "executable", sys.executable + "-missing-interpreter")
+    with pytest.raises((RuntimeError, OSError)):
+        synthetic.generate_split(0, "train", 4, image_size=64, processes=2)
+    monkeypatch.setattr(sys, "executable", "false")  # starts, exits 1
+    with pytest.raises(RuntimeError, match="worker process failed"):
+        synthetic.generate_split(0, "train", 4, image_size=64, processes=2)
+
+
+def test_workers_stop_when_their_parent_dies(tmp_path) -> None:
+    """A process killed while its workers generate leaves nothing running behind it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys\n"
+        "from ssd_jax.data import synthetic\n"
+        "job = synthetic.SplitJob(0, 'train', 100000, image_size=64, processes=2)\n"
+        "print(' '.join(str(p.pid) for p, _ in job._workers), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(running(p) for p in pids)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         synthetic.generate_example(0, "validation", 0)

@@ -133,10 +133,12 @@ def test_embedded_default_runs_end_to_end(tmp_path, monkeypatch):
     from ssd_jax.data import sources
 
     config = tiny_config()
-    events = []  # compiles of the steps and generations of the synthetic splits, in order
-    table = sources.synthetic_table
-    monkeypatch.setattr(sources, "synthetic_table",
-                        lambda cfg, split: events.append(f"generate {split}") or table(cfg, split))
+    events = []  # compiles of the steps, starts and reads of the synthetic splits, in order
+    start, table = sources.start_synthetic, sources.synthetic_table
+    monkeypatch.setattr(sources, "start_synthetic",
+                        lambda cfg, split: events.append(f"start {split}") or start(cfg, split))
+    monkeypatch.setattr(sources, "synthetic_table", lambda cfg, split, job=None: events.append(
+        f"read {split}{'' if job is None else ' (started)'}") or table(cfg, split, job))
 
     class Compiles(logging.Handler):
         def emit(self, record):
@@ -151,10 +153,15 @@ def test_embedded_default_runs_end_to_end(tmp_path, monkeypatch):
             state, metrics = train_lib.train_and_evaluate(config, str(tmp_path))
     finally:
         logging.getLogger("jax").removeHandler(handler)
-    # each step compiles once, before any image is generated (their compile memory is returned
-    # to the OS before the images arrive: the default's peak RSS)
-    assert events[:2] == ["compile train_step", "compile eval_step"], events
-    assert sorted(events[2:]) == ["generate eval", "generate test", "generate train"], events
+    # the worker processes start generating the training and validation images, then each step
+    # compiles once, and only then are the images read (the compile's memory is returned to the
+    # OS before this process touches them: the default's peak RSS); the held-out test split is
+    # generated after training
+    assert config.dataset.generate_processes == 2
+    assert events[:4] == ["start train", "start eval", "compile train_step",
+                          "compile eval_step"], events
+    assert sorted(events[4:6]) == ["read eval (started)", "read train (started)"], events
+    assert events[6:] == ["read test", "start test"], events
     assert int(state.step) == config.num_train_steps
     assert 0.0 <= metrics["mAP"] <= 1.0
     # the held-out test split is evaluated once, after training, on its own images

@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.test_seed = 1       # (synthetic) the test images' own seed
     config.dataset.image_size = 192    # (synthetic) side of the generated images
     config.dataset.cache_dir = ""      # (synthetic) folder for an .npz cache of the images; "" = none
+    config.dataset.generate_processes = 2  # (synthetic) worker processes generating the images
+                                           # while training compiles (0: in this process; the
+                                           # images are the same either way)
     # kind=tfds: TFDS datasets prepared with `tfds build NAME --data_dir=DIR`.
     config.dataset.name = ""           # (tfds) e.g. "voc/2007+voc/2012" (joined) or "coco/2017"
     config.dataset.data_dir = ""       # (tfds) the folder the TFDS data was prepared in

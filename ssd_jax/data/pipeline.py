@@ -90,7 +90,27 @@ class InputPipeline:
         self.warnings: list[str] = []
         self._lock = threading.Lock()
         self._sources: dict[str, sources.Table | sources.TfdsSource] = {}
+        self._jobs: dict[str, Any] = {}
         self._info: DatasetInfo | None = None
+
+    def start_loading(self, splits: tuple[str, ...] | None = None) -> None:
+        """Begins generating the synthetic `splits` (default: this pipeline's) in the background
+        (config.dataset.generate_processes worker processes), so that the caller can compile
+        meanwhile; `source` then takes the result. A no-op for the other kinds, which read their
+        files when first used."""
+        if sources.field(self.cfg, "kind") != "synthetic":
+            return
+        for split in splits if splits is not None else self.splits:
+            if split not in self._sources and split not in self._jobs:
+                job = sources.start_synthetic(self.cfg, split)
+                if job is not None:
+                    self._jobs[split] = job
+
+    def close(self) -> None:
+        """Stops background generation still running (`start_loading`)."""
+        for job in self._jobs.values():
+            job.cancel()
+        self._jobs = {}
 
     def source(self, split: str) -> sources.Table | sources.TfdsSource:
         """The source of 'train' or 'eval' (TFDS: one source for both); its repairs are counted
@@ -99,7 +119,7 @@ class InputPipeline:
             return sources.load_source(self.cfg, split)  # the ConfigError that says why
         key = split if sources.field(self.cfg, "kind") != "tfds" else "tfds"
         if key not in self._sources:
-            src = sources.load_source(self.cfg, split)
+            src = sources.load_source(self.cfg, split, job=self._jobs.pop(split, None))
             if isinstance(src, sources.Table):
                 self.count(src.stats)
                 for w in src.warnings:

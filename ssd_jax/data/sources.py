@@ -52,7 +52,7 @@ _BOX_DROPS = {
 #: fields of config.dataset each kind reads (every kind also reads KIND_COMMON)
 KIND_FIELDS = {
     "synthetic": ("seed", "num_train", "num_eval", "num_test", "test_seed", "image_size",
-                  "cache_dir"),
+                  "cache_dir", "generate_processes"),
     "tfds": ("name", "data_dir", "train_split", "eval_split", "shuffle_buffer", "use_difficult"),
     "coco_json": ("train_annotations", "train_images", "eval_annotations", "eval_images"),
     "voc_xml": ("root", "train_split", "eval_split", "class_names", "use_difficult"),
@@ -207,7 +207,7 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
         for name in ("num_train", "num_eval", "image_size"):
             if int(field(cfg, name)) < 1:
                 raise ConfigError(f"config.dataset.{name} must be >= 1, got {field(cfg, name)}")
-        for name in ("num_test", "test_seed"):
+        for name in ("num_test", "test_seed", "generate_processes"):
             if int(field(cfg, name)) < 0:
                 raise ConfigError(f"config.dataset.{name} must be >= 0, got {field(cfg, name)}")
     elif kind == "tfds":
@@ -253,26 +253,45 @@ def synthetic_classes() -> tuple[tuple[str, ...], tuple[int, ...]]:
     return names, tuple(range(1, len(names) + 1))
 
 
-def synthetic_table(cfg: Any, split: str) -> Table:
-    """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train', 'eval' (the
-    validation split, seed config.dataset.seed) or 'test' (held out, seed config.dataset.test_seed).
-    """
-    from ssd_jax.data import synthetic
-
+def _synthetic_args(cfg: Any, split: str) -> tuple[int, str, int, int, str]:
+    """(seed, generator split, number of images, side, cache file or "") of a synthetic split."""
     seed = int(field(cfg, "test_seed" if split == "test" else "seed"))
     n = int(field(cfg, f"num_{split}"))
     size = int(field(cfg, "image_size"))
     syn_split = {"train": "train", "eval": "val", "test": "test"}[split]
     cache_dir = field(cfg, "cache_dir")
-    data = None
     cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}.npz") if cache_dir else ""
+    return seed, syn_split, n, size, cache
+
+
+def start_synthetic(cfg: Any, split: str) -> Any:
+    """Starts generating a synthetic split in config.dataset.generate_processes worker processes
+    (`ssd_jax.data.synthetic.SplitJob`) and returns the job for `synthetic_table`, or None when
+    the split comes from the cache (nothing to generate)."""
+    from ssd_jax.data import synthetic
+
+    seed, syn_split, n, size, cache = _synthetic_args(cfg, split)
+    if cache and tf.io.gfile.exists(cache):
+        return None
+    return synthetic.SplitJob(seed, syn_split, n, image_size=size,
+                              processes=int(field(cfg, "generate_processes")))
+
+
+def synthetic_table(cfg: Any, split: str, job: Any = None) -> Table:
+    """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train', 'eval' (the
+    validation split, seed config.dataset.seed) or 'test' (held out, seed config.dataset.test_seed).
+    `job`: the `start_synthetic` job already generating it (else it is generated now).
+    """
+    seed, syn_split, n, size, cache = _synthetic_args(cfg, split)
+    data = None
     if cache and tf.io.gfile.exists(cache):
         with tf.io.gfile.GFile(cache, "rb") as f:
             data = dict(np.load(io.BytesIO(f.read())))
     if data is None:
-        data = synthetic.generate_split(seed, syn_split, n, image_size=size)
+        job = job if job is not None else start_synthetic(cfg, split)
+        data = job.result()
         if cache:
-            tf.io.gfile.makedirs(cache_dir)
+            tf.io.gfile.makedirs(os.path.dirname(cache))
             buf = io.BytesIO()
             np.savez(buf, **data)
             with tf.io.gfile.GFile(cache, "wb") as f:
@@ -612,9 +631,11 @@ def has_test_split(cfg: Any) -> bool:
     return field(cfg, "kind") == "synthetic" and int(field(cfg, "num_test")) > 0
 
 
-def load_source(cfg: Any, split: str) -> Table | TfdsSource:
+def load_source(cfg: Any, split: str, job: Any = None) -> Table | TfdsSource:
     """The source of `split` ('train', 'eval', or 'test' where `has_test_split`) for dataset
     config `cfg` (config.dataset).
+
+    `job`: a synthetic split's generation already started (`start_synthetic`).
 
     Raises ConfigError / DataError / FileNotFoundError naming the field or path when the dataset
     is unusable (a table split without a usable box included). Not cached: the input pipeline
@@ -629,7 +650,7 @@ def load_source(cfg: Any, split: str) -> Table | TfdsSource:
     kind = field(cfg, "kind")
     keep_crowd = split != "train"
     if kind == "synthetic":
-        src = synthetic_table(cfg, split)
+        src = synthetic_table(cfg, split, job)
     elif kind == "coco_json":
         src = coco_json_table(field(cfg, f"{split}_annotations"), field(cfg, f"{split}_images"),
                               keep_crowd=keep_crowd)

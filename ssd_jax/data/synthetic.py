@@ -31,6 +31,11 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -481,10 +486,148 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 256) -
     return generate_example_with_masks(seed, split, index, image_size)[0]
 
 
+def _split_layout(num_examples: int, image_size: int) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
+    """(name, dtype, shape, byte offset) of each array of `generate_split`, packed in one buffer."""
+    n, s = num_examples, image_size
+    fields = [("image", np.uint8, (n, s, s, 3)), ("boxes", np.float32, (n, MAX_OBJECTS, 4)),
+              ("labels", np.int32, (n, MAX_OBJECTS)), ("num_boxes", np.int32, (n,)),
+              ("image_id", np.int64, (n,))]
+    out, offset = [], 0
+    for name, dtype, shape in fields:
+        out.append((name, np.dtype(dtype), shape, offset))
+        offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
+    return out
+
+
+def _split_arrays(buffer: Any, num_examples: int, image_size: int) -> dict[str, np.ndarray]:
+    layout = _split_layout(num_examples, image_size)
+    return {name: np.frombuffer(buffer, dtype, int(np.prod(shape)), offset).reshape(shape)
+            for name, dtype, shape, offset in layout}
+
+
+def _split_nbytes(num_examples: int, image_size: int) -> int:
+    name, dtype, shape, offset = _split_layout(num_examples, image_size)[-1]
+    return offset + int(np.prod(shape)) * dtype.itemsize
+
+
+def _fill(arrays: dict[str, np.ndarray], seed: int, split: str, lo: int, hi: int,
+          image_size: int, parent: int | None = None) -> None:
+    """Examples lo..hi-1 of a split into `arrays` (the layout of `generate_split`)."""
+    for i in range(lo, hi):
+        if parent is not None and os.getppid() != parent:
+            raise SystemExit("ssd_jax synthetic worker: the process that started it is gone")
+        ex = generate_example(seed, split, i, image_size)
+        n = ex["labels"].shape[0]
+        arrays["image"][i] = ex["image"]
+        arrays["boxes"][i, :n] = ex["boxes"]
+        arrays["labels"][i, :n] = ex["labels"]
+        arrays["num_boxes"][i] = n
+        arrays["image_id"][i] = ex["image_id"]
+
+
+def _worker_main() -> None:
+    """Entry of a worker process (`SplitJob`): fills examples [lo, hi) of the split into the
+    shared buffer it inherited as file descriptor `fd`."""
+    fd, seed, split, lo, hi, num_examples, image_size, parent = sys.argv[1:]
+    nbytes = _split_nbytes(int(num_examples), int(image_size))
+    with mmap.mmap(int(fd), nbytes) as buffer:
+        arrays = _split_arrays(buffer, int(num_examples), int(image_size))
+        _fill(arrays, int(seed), split, int(lo), int(hi), int(image_size), parent=int(parent))
+        del arrays
+
+
+class SplitJob:
+    """`generate_split` running in the background: `result()` waits for its arrays.
+
+    With processes >= 1 (and Linux's memfd_create), that many worker processes each render a
+    contiguous share of the examples straight into one shared anonymous buffer (no copies, no
+    file, nothing left behind if this process dies: a worker exits when its parent is gone).
+    The workers are fresh interpreters that import only numpy and Pillow (never the caller's
+    `__main__`). Otherwise (processes=0) `result()` generates in this process. Same arrays, bit
+    for bit, either way: each example depends on (seed, split, index) only.
+    """
+
+    def __init__(self, seed: int, split: str, num_examples: int, image_size: int = 256,
+                 processes: int = 0):
+        _check_args(seed, split, 0, image_size)
+        self.args = (int(seed), split, int(num_examples), int(image_size))
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._workers: list[tuple[subprocess.Popen, Any]] = []
+        n = int(num_examples)
+        processes = min(int(processes), n)
+        if processes < 1 or not hasattr(os, "memfd_create"):
+            return
+        nbytes = _split_nbytes(n, int(image_size))
+        fd = os.memfd_create("ssd_jax_synthetic")
+        try:
+            os.ftruncate(fd, nbytes)
+            self._buffer = mmap.mmap(fd, nbytes)
+            package_root = os.path.dirname(os.path.dirname(os.path.dirname(
+                os.path.abspath(__file__))))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            bounds = [n * k // processes for k in range(processes + 1)]
+            for lo, hi in zip(bounds, bounds[1:], strict=False):
+                err = tempfile.TemporaryFile()
+                cmd = [sys.executable, "-c",
+                       "from ssd_jax.data.synthetic import _worker_main; _worker_main()",
+                       str(fd), str(seed), split, str(lo), str(hi), str(n), str(image_size),
+                       str(os.getpid())]
+                self._workers.append((subprocess.Popen(
+                    cmd, pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=err), err))
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            os.close(fd)  # the workers hold their own copies; the mapping keeps the buffer
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The arrays of `generate_split` (waits for the workers; RuntimeError if one failed)."""
+        if self._arrays is not None:
+            return self._arrays
+        seed, split, n, size = self.args
+        if not self._workers:
+            arrays = {name: np.zeros(shape, dtype)
+                      for name, dtype, shape, _ in _split_layout(n, size)}
+            _fill(arrays, seed, split, 0, n, size)
+        else:
+            try:
+                for proc, err in self._workers:
+                    if proc.wait() != 0:
+                        err.seek(0)
+                        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+                        raise RuntimeError(
+                            f"a synthetic-data worker process failed (exit {proc.returncode}) "
+                            f"generating {split} images: " + " | ".join(tail))
+            except BaseException:
+                self.cancel()
+                raise
+            for _, err in self._workers:
+                err.close()
+            self._workers = []
+            arrays = _split_arrays(self._buffer, n, size)
+        self._arrays = arrays
+        return arrays
+
+    def cancel(self) -> None:
+        """Stops the workers (if any are still running)."""
+        for proc, err in self._workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            err.close()
+        self._workers = []
+
+
 def generate_split(
-    seed: int, split: str, num_examples: int, image_size: int = 256
+    seed: int, split: str, num_examples: int, image_size: int = 256, processes: int = 0
 ) -> dict[str, np.ndarray]:
     """Examples 0..num_examples-1 of a split, stacked and padded to MAX_OBJECTS boxes.
+
+    processes >= 1 renders them in that many worker processes (`SplitJob`); the arrays are the
+    same bit for bit.
 
     Returns:
       {"image": uint8 [N, S, S, 3],
@@ -493,26 +636,7 @@ def generate_split(
        "num_boxes": int32 [N],
        "image_id": int64 [N]}.
     """
-    images = np.zeros((num_examples, image_size, image_size, 3), np.uint8)
-    boxes = np.zeros((num_examples, MAX_OBJECTS, 4), np.float32)
-    labels = np.zeros((num_examples, MAX_OBJECTS), np.int32)
-    num_boxes = np.zeros((num_examples,), np.int32)
-    image_ids = np.zeros((num_examples,), np.int64)
-    for i in range(num_examples):
-        ex = generate_example(seed, split, i, image_size)
-        n = ex["labels"].shape[0]
-        images[i] = ex["image"]
-        boxes[i, :n] = ex["boxes"]
-        labels[i, :n] = ex["labels"]
-        num_boxes[i] = n
-        image_ids[i] = ex["image_id"]
-    return {
-        "image": images,
-        "boxes": boxes,
-        "labels": labels,
-        "num_boxes": num_boxes,
-        "image_id": image_ids,
-    }
+    return SplitJob(seed, split, num_examples, image_size, processes).result()
 
 
 def render_preview(

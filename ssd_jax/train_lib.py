@@ -45,7 +45,10 @@ if TYPE_CHECKING:  # the steps read a config by attribute only: no ml_collection
     import ml_collections
 
 METRICS = evaluation.METRICS
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+#: config.dtype -> compute dtype. "float64" (params, optimizer state and compute in float64;
+#: needs JAX_ENABLE_X64=1) is for tests: it shows which differences are float32 rounding.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}
 
 
 class TrainState(struct.PyTreeNode):
@@ -97,6 +100,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ConfigError(f"config.model: {e}") from None
     if config.dtype not in DTYPES:
         raise ConfigError(f"config.dtype={config.dtype!r} is unknown; choose one of {tuple(DTYPES)}")
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError("config.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (a dtype for "
+                          "precision checks; train in float32 or bfloat16)")
     if config.metric not in METRICS:
         raise ConfigError(f"config.metric={config.metric!r} is unknown; choose one of {METRICS}")
     for name in ("batch_size", "eval_batch_size") if training else ("eval_batch_size",):
@@ -185,8 +191,9 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.SSD,
                        tx: optax.GradientTransformation) -> TrainState:
-    """A fresh state from `config.seed` (params float32), optionally starting from
-    `config.init_checkpoint` (e.g. the converted VGG16 backbone: leaves present there override)."""
+    """A fresh state from `config.seed` (params float32; float64 with config.dtype=float64),
+    optionally starting from `config.init_checkpoint` (e.g. the converted VGG16 backbone: leaves
+    present there override)."""
     rng = jax.random.PRNGKey(config.seed)
     init_rng, state_rng = jax.random.split(rng)
     size = model.prior_spec.image_size
@@ -211,6 +218,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.SSD,
                               f"checkpoint that fits config.model ({first}); convert torchvision "
                               "weights with `python -m experiments.convert_torchvision`") from None
         logging.info("initialized from %s", config.init_checkpoint)
+    if config.dtype == "float64":
+        params, batch_stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
+                                           (params, batch_stats))
     # One jitted tx.init: run eagerly, each zeros_like of each leaf shape compiles on its own
     # (about a hundred small compiles, 10-30 s on a 2-core CPU).
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

@@ -1,0 +1,85 @@
+"""One process of a multi-process (or multi-device) tiny training, for tests/test_multihost.py.
+
+    python -m tests.multihost_worker '{"processes": 2, "process_id": 0, "port": 1234,
+        "devices": 1, "dtype": "float64", "steps": 3, "workdir": "...", "out": "....npz"}'
+
+Trains `tests.test_train.tiny_config()` (optionally changed by "config": {"field": value}) with
+`train_lib.train_and_evaluate` and saves its final params, batch_stats and optimizer state (this
+process's copy of each replicated leaf) and the final evaluation's mAP to "out". "devices" local
+CPU devices per process (XLA's host platform device count); "dtype" float64 turns on 64-bit JAX
+first. The multi-process options are those of `experiments.train` (`distributed.maybe_initialize`).
+"""
+
+import json
+import os
+import sys
+
+
+def _die_at_step(train_lib, step: int) -> None:
+    import dataclasses
+    import signal
+
+    make_steps = train_lib.make_steps
+
+    class Dying:
+        def __init__(self, train):
+            self.train = train
+
+        def __getattr__(self, name):  # .lower (the AOT compile) and the rest
+            return getattr(self.train, name)
+
+        def __call__(self, state, batch):
+            if int(state.step) == step:
+                print(f"killing myself before step {step}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.train(state, batch)
+
+    def patched(*args, **kwargs):
+        steps = make_steps(*args, **kwargs)
+        return dataclasses.replace(steps, train=Dying(steps.train))
+
+    train_lib.make_steps = patched
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    devices = int(args.get("devices", 1))
+    if devices > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={devices}")
+    import jax
+
+    if args.get("dtype") == "float64":
+        jax.config.update("jax_enable_x64", True)
+    import numpy as np
+
+    from ssd_jax import distributed, train_lib
+    from tests.test_train import tiny_config
+
+    n = int(args.get("processes", 1))
+    if n > 1:
+        distributed.maybe_initialize(f"localhost:{args['port']}", n, int(args["process_id"]),
+                                     **args.get("initialize", {}))
+    config = tiny_config()
+    config.num_train_steps = int(args.get("steps", 3))
+    config.dtype = args.get("dtype", "float32")
+    for key, value in args.get("config", {}).items():
+        *path, name = key.split(".")
+        node = config
+        for p in path:
+            node = node[p]
+        node[name] = value
+    if "die_at_step" in args:  # SIGKILL this process as it is about to run that step
+        _die_at_step(train_lib, int(args["die_at_step"]))
+    state, metrics = train_lib.train_and_evaluate(config, args["workdir"])
+    out = {"mAP": np.float64(metrics["mAP"])}
+    for part in ("params", "batch_stats", "opt_state"):
+        leaves = jax.tree.leaves(getattr(state, part))
+        for j, x in enumerate(leaves):
+            out[f"{part}/{j}"] = np.asarray(x.addressable_data(0))
+    np.savez(args["out"], **out)
+    print("trained", jax.process_index(), jax.process_count(), jax.device_count(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

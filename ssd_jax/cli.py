@@ -28,7 +28,7 @@ from typing import Any
 
 from absl import app, flags
 
-from ssd_jax.errors import ConfigError, UserError
+from ssd_jax.errors import ConfigError, LostProcessError, UserError
 
 FLAGS = flags.FLAGS
 
@@ -495,6 +495,12 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
             message = str(e) if str(e) else "interrupted"
             print(f"\n{message}", file=sys.stderr)
             sys.exit(130)
+        except LostProcessError as e:
+            if debug_flag["on"]:
+                raise
+            from ssd_jax.distributed import exit_lost
+
+            exit_lost(str(e))  # at once: an orderly exit would wait for the lost process
         except USER_ERRORS as e:
             if debug_flag["on"]:
                 raise

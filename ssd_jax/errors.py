@@ -29,5 +29,11 @@ class WorkdirMismatchError(UserError, ValueError):
     """A workdir holds a run whose config differs from the one asked for (lists the fields)."""
 
 
+class LostProcessError(UserError, RuntimeError):
+    """A process of a multi-process run stopped (killed, crashed, its host lost); the message names
+    it and the checkpoint the run resumes from. The commands exit at once on it (`os._exit`): the
+    distributed runtime's orderly shutdown would wait for the lost process."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message names the step reached and the last checkpoint."""

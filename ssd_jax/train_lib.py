@@ -35,11 +35,17 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ssd_jax import evaluation, matching, models, postprocess, priors
+from ssd_jax import distributed, evaluation, matching, models, postprocess, priors
 from ssd_jax import loss as loss_lib
 from ssd_jax.cli import release_freed_memory
 from ssd_jax.distributed import host_local
-from ssd_jax.errors import ConfigError, TrainingInterrupted, UserError, WorkdirMismatchError
+from ssd_jax.errors import (
+    ConfigError,
+    LostProcessError,
+    TrainingInterrupted,
+    UserError,
+    WorkdirMismatchError,
+)
 
 if TYPE_CHECKING:  # the steps read a config by attribute only: no ml_collections on a bare host
     import ml_collections
@@ -119,6 +125,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
             raise ConfigError(f"config.{name} must be >= 0, got {config.get(name)}")
     if int(config.log_every_steps) == 0:
         raise ConfigError("config.log_every_steps must be >= 1")
+    if training and not float(config.lost_process_timeout) > 0:
+        raise ConfigError(f"config.lost_process_timeout must be > 0 seconds, got "
+                          f"{config.lost_process_timeout}")
     if config.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"config.optimizer={config.optimizer!r} must be 'sgd' or 'adamw'")
     if config.schedule not in ("cosine", "piecewise"):
@@ -441,7 +450,7 @@ RUN_INFO = "run_info.json"
 
 #: config fields a resumed run may change: run length, logging, eval and checkpoint cadence, and
 #: what evaluation reports (a field or a group; everything else must equal the workdir's run).
-RESUMABLE_FIELDS = ("num_train_steps", "log_every_steps", "eval_every_steps",
+RESUMABLE_FIELDS = ("num_train_steps", "log_every_steps", "eval_every_steps", "lost_process_timeout",
                     "checkpoint_every_steps", "keep_checkpoints", "num_eval_images_to_draw",
                     "draw_score_threshold", "eval_batch_size", "metric", "detect",
                     "init_checkpoint",  # only read when there is no checkpoint yet
@@ -639,12 +648,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         print(f"workdir {workdir}\n  checkpoints: {manager.directory}\n"
               f"  TensorBoard: tensorboard --logdir {workdir}\n  pictures: {samples_png}\n"
               f"  log: {log.path}", flush=True)
+    def lost(message: str) -> str:
+        return (f"{message}; {_last_checkpoint(manager)}; run the same commands again on every "
+                "host to resume from it")
+
+    # multi-process runs: a lost process stops the others (distributed.Watchdog)
+    watchdog = distributed.Watchdog(timeout=config.lost_process_timeout,
+                                    on_lost=lambda m: distributed.exit_lost(lost(m)))
     try:
         # the synthetic images are generated in worker processes while the steps compile
         data.start_loading()
         return _train(config, workdir, data, info, manager, samples_png, metric_writers,
                       evaluation)
+    except Exception as e:
+        # a collective that failed because another process is gone (gloo: "connection reset")
+        message = None if isinstance(e, UserError) or jax.process_count() == 1 else \
+            watchdog.lost_now()
+        if message is not None:
+            raise LostProcessError(lost(message)) from None
+        raise
     finally:
+        watchdog.stop()
         data.close()
         manager.close()
         log.close()

@@ -54,12 +54,12 @@ def main() -> None:
     import numpy as np
 
     from ssd_jax import distributed, train_lib
+    from ssd_jax.errors import LostProcessError
     from tests.test_train import tiny_config
 
     n = int(args.get("processes", 1))
     if n > 1:
-        distributed.maybe_initialize(f"localhost:{args['port']}", n, int(args["process_id"]),
-                                     **args.get("initialize", {}))
+        distributed.maybe_initialize(f"localhost:{args['port']}", n, int(args["process_id"]))
     config = tiny_config()
     config.num_train_steps = int(args.get("steps", 3))
     config.dtype = args.get("dtype", "float32")
@@ -69,9 +69,13 @@ def main() -> None:
         for p in path:
             node = node[p]
         node[name] = value
-    if "die_at_step" in args:  # SIGKILL this process as it is about to run that step
+    if "die_at_step" in args and int(args.get("die_process", 0)) == int(args.get("process_id", 0)):
+        # SIGKILL process "die_process" as it is about to run that step
         _die_at_step(train_lib, int(args["die_at_step"]))
-    state, metrics = train_lib.train_and_evaluate(config, args["workdir"])
+    try:
+        state, metrics = train_lib.train_and_evaluate(config, args["workdir"])
+    except LostProcessError as e:  # as the train command does (ssd_jax.cli.run)
+        distributed.exit_lost(str(e))
     out = {"mAP": np.float64(metrics["mAP"])}
     for part in ("params", "batch_stats", "opt_state"):
         leaves = jax.tree.leaves(getattr(state, part))

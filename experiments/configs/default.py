@@ -129,4 +129,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 2000     # evaluation (mAP, pictures) every N steps; 0 = only at the end
     config.checkpoint_every_steps = 2000  # orbax checkpoint every N steps (and at the end); 0 = end only
     config.keep_checkpoints = 3        # checkpoints kept (the oldest are deleted)
+    config.lost_process_timeout = 60.0  # (multi-process runs) seconds without a sign of life from
+                                        # a process after which the others stop with a message
     return config

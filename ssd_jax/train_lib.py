@@ -532,6 +532,15 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
                                    f"({e.strerror or e}); choose a folder you can write") from None
 
 
+def _topology() -> dict[str, int]:
+    return {"processes": jax.process_count(), "devices": jax.device_count()}
+
+
+def _previous_topology(workdir: str) -> dict[str, int] | None:
+    """The process and device counts of the last start of the run in WORKDIR (run_info.json)."""
+    return (read_run_info(workdir) or {}).get("topology")
+
+
 def save_run_info(workdir: str, config: ml_collections.ConfigDict, num_classes: int,
                   class_names: tuple[str, ...], category_ids: tuple[int, ...] = ()) -> None:
     """WORKDIR/run_info.json: the config, class names and the dataset's category ids, so
@@ -545,7 +554,7 @@ def save_run_info(workdir: str, config: ml_collections.ConfigDict, num_classes: 
     info = {"config": json.loads(config.to_json_best_effort()), "num_classes": num_classes,
             "class_names": list(class_names),
             "category_ids": [int(c) for c in category_ids] or list(range(1, num_classes)),
-            "ssd_jax_version": ssd_jax.__version__}
+            "ssd_jax_version": ssd_jax.__version__, "topology": _topology()}
     tmp = os.path.join(workdir, RUN_INFO + ".tmp")
     with open(tmp, "w") as f:
         json.dump(info, f, indent=2)
@@ -696,8 +705,16 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
                                      num_classes=info.num_classes, metric=config.metric,
                                      class_names=info.class_names,
                                      num_draw=config.num_eval_images_to_draw)
+    previous = _previous_topology(workdir)
     save_run_info(workdir, config, info.num_classes, info.class_names, info.category_ids)
     start_step = int(jax.device_get(state.step))
+    if start_step > 0 and previous and previous != _topology():
+        logging.warning(
+            "resuming step %d on %d process(es) with %d device(s) in all; the run was last "
+            "started on %d process(es) with %d device(s). The global batch and its order are the "
+            "same, split differently: the result equals an uninterrupted run up to float32 "
+            "rounding, not bit for bit (README: multi-host)", start_step, jax.process_count(),
+            jax.device_count(), previous["processes"], previous["devices"])
     train_iter: Iterator[dict[str, np.ndarray]] = data.train_iterator(
         image_size=size, batch_size=local_batch, max_boxes=config.max_boxes,
         seed=config.seed, start_step=start_step, process_index=jax.process_index(),

@@ -419,15 +419,22 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
                                  options=options)
 
 
-def restore_or_init(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-    """The latest checkpoint's state if there is one (exact resume), else `state`.
+def restore_or_init(manager: ocp.CheckpointManager, state: TrainState,
+                    sharding: jax.sharding.Sharding | None = None) -> TrainState:
+    """The latest checkpoint's state if there is one (exact resume), else `state`; placed with
+    `sharding` (e.g. replicated over the mesh of all processes) when given. The checkpoint is
+    restored straight into that sharding, whatever process and device count wrote it.
 
     WorkdirMismatchError when the checkpoint does not fit `state` (another model or optimizer).
     """
     step = manager.latest_step()
     if step is None:
-        return state
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        return state if sharding is None else jax.device_put(state, sharding)
+    if sharding is None:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    else:  # a device_put of restored arrays to a multi-process sharding is a cross-host transfer
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
     try:
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except (ValueError, KeyError, TypeError) as e:
@@ -691,8 +698,7 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
     steps = make_steps(config, model, tx)
     n_proc = jax.process_count()
     local_batch, local_eval_batch = config.batch_size // n_proc, config.eval_batch_size // n_proc
-    state = jax.device_put(restore_or_init(manager, create_train_state(config, model, tx)),
-                           steps.replicated)
+    state = restore_or_init(manager, create_train_state(config, model, tx), steps.replicated)
     compile_steps(steps, state, config, size)
     # XLA's compiles leave ~0.5 GB of freed heap: back to the OS before the data is read (the
     # synthetic images are generated meanwhile into a buffer this process touches only when it

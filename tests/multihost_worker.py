@@ -55,6 +55,9 @@ def main() -> None:
     if args.get("dtype") == "float64":
         jax.config.update("jax_enable_x64", True)
     import numpy as np
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO)  # as the commands (absl.app): train.log gets INFO lines
 
     from ssd_jax import distributed, train_lib
     from ssd_jax.errors import LostProcessError

@@ -79,13 +79,16 @@ def test_epochs_are_permutations_and_hosts_split_the_global_batch(cfg):
     assert seeds == list(range(2 * n))  # augmentation seed (seed, element index)
     assert sorted(picked[:n]) == sorted(picked[n:]) == list(range(n))
     assert picked[:n] != picked[n:]  # reshuffled each epoch
-    # Two hosts with per-host batch 2 see exactly the global batch of one host with batch 4.
+    # Two hosts with per-host batch 2 (and four with batch 1) see exactly the global batch of
+    # one host with batch 4, in process order.
     one = _take(_train(cfg, batch_size=4), 3)
-    h0 = _take(_train(cfg, batch_size=2, process_index=0, process_count=2), 3)
-    h1 = _take(_train(cfg, batch_size=2, process_index=1, process_count=2), 3)
-    for g, a, b in zip(one, h0, h1, strict=True):
-        for k in g:
-            np.testing.assert_array_equal(g[k], np.concatenate([a[k], b[k]]), err_msg=k)
+    for hosts in (2, 4):
+        parts = [_take(_train(cfg, batch_size=4 // hosts, process_index=i, process_count=hosts), 3)
+                 for i in range(hosts)]
+        for step, g in enumerate(one):
+            for k in g:
+                np.testing.assert_array_equal(
+                    g[k], np.concatenate([p[step][k] for p in parts]), err_msg=f"{hosts} {k}")
 
 
 def test_device_mode_ships_canvases_original_sizes_and_global_indices(cfg):

@@ -7,7 +7,6 @@ import importlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -300,76 +299,6 @@ def test_eight_devices_match_one_device():
     from its global index) the same bits on 1 and 8 devices."""
     out = _run_script(_ONE_VS_EIGHT)
     assert "agree" in out and "same augmented batch" in out
-
-
-_PROCESS = """
-    import sys, numpy as np, jax
-    from ssd_jax import distributed, train_lib
-    from tests.test_train import tiny_config
-    port, n, pid, workdir, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    if n > 1:
-        distributed.maybe_initialize(f"localhost:{port}", n, pid)
-    config = tiny_config()
-    config.num_train_steps = 1
-    config.checkpoint_every_steps = 0
-    # SGD at a constant rate, as in the 8-device test: differences are gradient differences
-    config.optimizer, config.schedule, config.warmup_steps = "sgd", "piecewise", 0
-    config.learning_rate = 0.005
-    state, metrics = train_lib.train_and_evaluate(config, workdir)
-    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
-    np.savez(out, *leaves, mAP=metrics["mAP"])
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one(tmp_path):
-    script = textwrap.dedent(_PROCESS)
-    port = _free_port()
-    env = _env()
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(port), "2", str(i),
-                               str(tmp_path / "two"), str(tmp_path / f"p{i}.npz")],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
-    single = subprocess.run([sys.executable, "-c", script, "0", "1", "0", str(tmp_path / "one"),
-                             str(tmp_path / "single.npz")], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert single.returncode == 0, single.stderr[-5000:]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-5000:] for o in outs)
-    ref = np.load(tmp_path / "single.npz")
-    from ssd_jax.data import pipeline
-
-    config = tiny_config()
-    config.optimizer, config.schedule = "sgd", "piecewise"  # as in the script (same init)
-    model = train_lib.create_model(config, pipeline.get_dataset_info(config.dataset).num_classes)
-    init = train_lib.create_train_state(config, model, train_lib.create_optimizer(config))
-    init_leaves = [np.asarray(x) for x in jax.tree.leaves(init.params)]
-    for i in range(2):
-        got = np.load(tmp_path / f"p{i}.npz")
-        assert float(got["mAP"]) == pytest.approx(float(ref["mAP"]), abs=1e-6)
-        for j, p0 in enumerate(init_leaves):
-            key = f"arr_{j}"
-            # gloo's all-reduce sums in another order than one process. Measured: the smallest
-            # updates (some BatchNorm leaves, ~6e-5) agree to ~5% of their size, the params to
-            # ~3e-6; 8 devices in one process agree to 0.1% (test above). Why processes differ
-            # more is not yet understood; a missing global normalization or an unsynchronized
-            # BatchNorm is off by far more than these bounds.
-            update = np.abs(ref[key] - p0).max()
-            assert np.abs(got[key] - ref[key]).max() <= 1e-1 * update + 1e-7, key
-            np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-4, err_msg=key)
-    # the 2-process run's checkpoint loads in this one process (a 1-device host): predict and
-    # evaluate of a run trained on a pod slice (restoring with the saved topology failed here)
-    from ssd_jax import inference
-
-    run = inference.load_run(str(tmp_path / "two"))
-    got = np.load(tmp_path / "p0.npz")
-    for j, leaf in enumerate(jax.tree.leaves(run.variables["params"])):
-        np.testing.assert_array_equal(np.asarray(leaf), got[f"arr_{j}"])
 
 
 # ----------------------------------------------------------------------------- resume

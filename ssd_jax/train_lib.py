@@ -227,7 +227,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.SSD,
                               f"checkpoint that fits config.model ({first}); convert torchvision "
                               "weights with `python -m experiments.convert_torchvision`") from None
         logging.info("initialized from %s", config.init_checkpoint)
-    if config.dtype == "float64":
+    if config.get("dtype") == "float64":
         params, batch_stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
                                            (params, batch_stats))
     # One jitted tx.init: run eagerly, each zeros_like of each leaf shape compiles on its own

@@ -379,11 +379,11 @@ _RECORD_N = """
 import atexit, json, runpy, sys
 from ssd_jax.data import synthetic
 asked = []
-_generate = synthetic.generate_split
-def generate_split(seed, split, num_examples, *args, **kwargs):
-    asked.append(num_examples)
-    return _generate(seed, split, num_examples, *args, **kwargs)
-synthetic.generate_split = generate_split
+class SplitJob(synthetic.SplitJob):  # every generation, in this process or in workers
+    def __init__(self, seed, split, num_examples, *args, **kwargs):
+        asked.append(num_examples)
+        super().__init__(seed, split, num_examples, *args, **kwargs)
+synthetic.SplitJob = SplitJob
 atexit.register(lambda: print("GENERATED=" + json.dumps(asked), flush=True))
 sys.argv = ["show_data", *sys.argv[1:]]
 runpy.run_module("experiments.show_data", run_name="__main__", alter_sys=True)
@@ -400,7 +400,7 @@ def test_show_data_generates_only_the_images_it_draws(tmp_path):
     assert "Traceback" not in out + err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     asked = json.loads(re.search(r"^GENERATED=(.*)$", out, re.M).group(1))
-    assert asked, "synthetic.generate_split was never called"
+    assert asked, "synthetic.SplitJob was never created"
     assert all(n <= 4 for n in asked), f"generated {asked} images to draw 4"
     assert elapsed < 120, f"show_data took {elapsed:.0f} s"
 

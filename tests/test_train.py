@@ -38,6 +38,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2
     config.eval_every_steps = 0
     config.num_eval_images_to_draw = 2
+    config.dataset.generate_processes = 0  # a few images: no worker processes (tested below)
     return config
 
 
@@ -132,6 +133,7 @@ def test_embedded_default_runs_end_to_end(tmp_path, monkeypatch):
     from ssd_jax.data import sources
 
     config = tiny_config()
+    config.dataset.generate_processes = 2  # the default's
     events = []  # compiles of the steps, starts and reads of the synthetic splits, in order
     start, table = sources.start_synthetic, sources.synthetic_table
     monkeypatch.setattr(sources, "start_synthetic",

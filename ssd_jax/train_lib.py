@@ -672,8 +672,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     watchdog = distributed.Watchdog(timeout=config.lost_process_timeout,
                                     on_lost=lambda m: distributed.exit_lost(lost(m)))
     try:
-        # the synthetic images are generated in worker processes while the steps compile
-        data.start_loading()
         return _train(config, workdir, data, info, manager, samples_png, metric_writers,
                       evaluation)
     except Exception as e:
@@ -694,6 +692,8 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
     is_lead = jax.process_index() == 0
     model = create_model(config, info.num_classes)
     size = model.prior_spec.image_size
+    # the synthetic images are generated in worker processes while the steps compile
+    data.start_loading(train_image_size=size)
     tx = create_optimizer(config)
     steps = make_steps(config, model, tx)
     n_proc = jax.process_count()

@@ -225,3 +225,31 @@ def test_a_too_small_canvas_is_a_config_error(cfg):
     with pytest.raises(ConfigError, match="config.dataset.canvas_size must be >= 32"):
         pipeline.InputPipeline(bad)
     pipeline.InputPipeline(dataset_config(**{**dict(cfg), "canvas_size": 8}))  # unused: fine
+
+
+def test_flip_only_training_keeps_the_synthetic_table_at_the_models_size(cfg):
+    """With no zoom-out and no crop, the training table is held at the model's side (resized once,
+    as evaluation resizes): the same batches up to the rounding of that resize (|diff| <= 2 of 255,
+    the photometric steps scale it), at (32/48)^2 of the memory. With a crop it stays full size."""
+    from ssd_jax import image as image_lib
+    from ssd_jax.data import synthetic
+
+    small = pipeline.InputPipeline(cfg)
+    small.start_loading(train_image_size=S)
+    table = small.source("train")
+    assert table.images.shape == (10, S, S, 3)
+    ex = synthetic.generate_example(0, "train", 3, 48)
+    np.testing.assert_array_equal(table.images[3], image_lib.resize(ex["image"], S))
+    full = pipeline.InputPipeline(cfg)
+    a = _take(small.train_iterator(image_size=S, batch_size=B, max_boxes=M, seed=1), 3)
+    b = _take(full.train_iterator(image_size=S, batch_size=B, max_boxes=M, seed=1), 3)
+    assert full.source("train").images.shape == (10, 48, 48, 3)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["boxes"], y["boxes"])
+        np.testing.assert_array_equal(x["labels"], y["labels"])
+        diff = np.abs(x["image"].astype(int) - y["image"].astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    crop = dataset_config(**{**dict(cfg), "augment_crop": True})
+    cropped = pipeline.InputPipeline(crop)
+    cropped.start_loading(train_image_size=S)
+    assert cropped.source("train").images.shape == (10, 48, 48, 3)

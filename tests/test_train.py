@@ -136,10 +136,10 @@ def test_embedded_default_runs_end_to_end(tmp_path, monkeypatch):
     config.dataset.generate_processes = 2  # the default's
     events = []  # compiles of the steps, starts and reads of the synthetic splits, in order
     start, table = sources.start_synthetic, sources.synthetic_table
-    monkeypatch.setattr(sources, "start_synthetic",
-                        lambda cfg, split: events.append(f"start {split}") or start(cfg, split))
-    monkeypatch.setattr(sources, "synthetic_table", lambda cfg, split, job=None: events.append(
-        f"read {split}{'' if job is None else ' (started)'}") or table(cfg, split, job))
+    monkeypatch.setattr(sources, "start_synthetic", lambda cfg, split, *a: events.append(
+        f"start {split}") or start(cfg, split, *a))
+    monkeypatch.setattr(sources, "synthetic_table", lambda cfg, split, job=None, *a: events.append(
+        f"read {split}{'' if job is None else ' (started)'}") or table(cfg, split, job, *a))
 
     class Compiles(logging.Handler):
         def emit(self, record):

@@ -91,18 +91,29 @@ class InputPipeline:
         self._lock = threading.Lock()
         self._sources: dict[str, sources.Table | sources.TfdsSource] = {}
         self._jobs: dict[str, Any] = {}
+        self._store_sizes: dict[str, int] = {}
         self._info: DatasetInfo | None = None
 
-    def start_loading(self, splits: tuple[str, ...] | None = None) -> None:
+    def start_loading(self, splits: tuple[str, ...] | None = None,
+                      train_image_size: int | None = None) -> None:
         """Begins generating the synthetic `splits` (default: this pipeline's) in the background
         (config.dataset.generate_processes worker processes), so that the caller can compile
         meanwhile; `source` then takes the result. A no-op for the other kinds, which read their
-        files when first used."""
+        files when first used.
+
+        train_image_size: the model's input side. When the training augmentation has no geometry
+        but flips (host mode, no zoom-out, no crop), training resizes every image to exactly that
+        side each epoch; the training table is then kept at that side instead, resized once with
+        the evaluation's resize (the default's 16000 images: 0.79 GB instead of 1.77 GB at 192 px).
+        """
         if sources.field(self.cfg, "kind") != "synthetic":
             return
+        if train_image_size and _flip_only(self.cfg) and \
+                train_image_size < int(sources.field(self.cfg, "image_size")):
+            self._store_sizes["train"] = int(train_image_size)
         for split in splits if splits is not None else self.splits:
             if split not in self._sources and split not in self._jobs:
-                job = sources.start_synthetic(self.cfg, split)
+                job = sources.start_synthetic(self.cfg, split, self._store_sizes.get(split))
                 if job is not None:
                     self._jobs[split] = job
 
@@ -119,7 +130,8 @@ class InputPipeline:
             return sources.load_source(self.cfg, split)  # the ConfigError that says why
         key = split if sources.field(self.cfg, "kind") != "tfds" else "tfds"
         if key not in self._sources:
-            src = sources.load_source(self.cfg, split, job=self._jobs.pop(split, None))
+            src = sources.load_source(self.cfg, split, job=self._jobs.pop(split, None),
+                                      store_size=self._store_sizes.get(split))
             if isinstance(src, sources.Table):
                 self.count(src.stats)
                 for w in src.warnings:
@@ -336,6 +348,12 @@ def _pad(x: tf.Tensor, m: int) -> tf.Tensor:
     out = tf.pad(x, pad)
     out.set_shape([m, *x.shape[1:]])
     return out
+
+
+def _flip_only(cfg: Any) -> bool:
+    """Training resamples each whole image to the model's side (no zoom-out, no crop, host mode)."""
+    return not any(bool(sources.field(cfg, f)) for f in
+                   ("augment_on_device", "augment_expand", "augment_crop"))
 
 
 def _no_autograph(fn):

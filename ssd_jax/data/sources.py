@@ -253,42 +253,47 @@ def synthetic_classes() -> tuple[tuple[str, ...], tuple[int, ...]]:
     return names, tuple(range(1, len(names) + 1))
 
 
-def _synthetic_args(cfg: Any, split: str) -> tuple[int, str, int, int, str]:
+def _synthetic_args(cfg: Any, split: str,
+                    store_size: int | None = None) -> tuple[int, str, int, int, str]:
     """(seed, generator split, number of images, side, cache file or "") of a synthetic split."""
     seed = int(field(cfg, "test_seed" if split == "test" else "seed"))
     n = int(field(cfg, f"num_{split}"))
     size = int(field(cfg, "image_size"))
     syn_split = {"train": "train", "eval": "val", "test": "test"}[split]
     cache_dir = field(cfg, "cache_dir")
-    cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}.npz") if cache_dir else ""
+    at = f"_at{store_size}" if store_size and store_size != size else ""
+    cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}{at}.npz") \
+        if cache_dir else ""
     return seed, syn_split, n, size, cache
 
 
-def start_synthetic(cfg: Any, split: str) -> Any:
+def start_synthetic(cfg: Any, split: str, store_size: int | None = None) -> Any:
     """Starts generating a synthetic split in config.dataset.generate_processes worker processes
-    (`ssd_jax.data.synthetic.SplitJob`) and returns the job for `synthetic_table`, or None when
-    the split comes from the cache (nothing to generate)."""
+    (`ssd_jax.data.synthetic.SplitJob`; images kept at `store_size` if given) and returns the job
+    for `synthetic_table`, or None when the split comes from the cache (nothing to generate)."""
     from ssd_jax.data import synthetic
 
-    seed, syn_split, n, size, cache = _synthetic_args(cfg, split)
+    seed, syn_split, n, size, cache = _synthetic_args(cfg, split, store_size)
     if cache and tf.io.gfile.exists(cache):
         return None
     return synthetic.SplitJob(seed, syn_split, n, image_size=size,
-                              processes=int(field(cfg, "generate_processes")))
+                              processes=int(field(cfg, "generate_processes")),
+                              store_size=store_size)
 
 
-def synthetic_table(cfg: Any, split: str, job: Any = None) -> Table:
+def synthetic_table(cfg: Any, split: str, job: Any = None, store_size: int | None = None) -> Table:
     """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train', 'eval' (the
     validation split, seed config.dataset.seed) or 'test' (held out, seed config.dataset.test_seed).
-    `job`: the `start_synthetic` job already generating it (else it is generated now).
+    `job`: the `start_synthetic(cfg, split, store_size)` job already generating it (else it is
+    generated now); `store_size`: the side the images are kept at (default: as generated).
     """
-    seed, syn_split, n, size, cache = _synthetic_args(cfg, split)
+    seed, syn_split, n, size, cache = _synthetic_args(cfg, split, store_size)
     data = None
     if cache and tf.io.gfile.exists(cache):
         with tf.io.gfile.GFile(cache, "rb") as f:
             data = dict(np.load(io.BytesIO(f.read())))
     if data is None:
-        job = job if job is not None else start_synthetic(cfg, split)
+        job = job if job is not None else start_synthetic(cfg, split, store_size)
         data = job.result()
         if cache:
             tf.io.gfile.makedirs(os.path.dirname(cache))
@@ -631,11 +636,13 @@ def has_test_split(cfg: Any) -> bool:
     return field(cfg, "kind") == "synthetic" and int(field(cfg, "num_test")) > 0
 
 
-def load_source(cfg: Any, split: str, job: Any = None) -> Table | TfdsSource:
+def load_source(cfg: Any, split: str, job: Any = None,
+                store_size: int | None = None) -> Table | TfdsSource:
     """The source of `split` ('train', 'eval', or 'test' where `has_test_split`) for dataset
     config `cfg` (config.dataset).
 
-    `job`: a synthetic split's generation already started (`start_synthetic`).
+    `job`, `store_size`: a synthetic split's generation already started (`start_synthetic`) and
+    the side its images are kept at.
 
     Raises ConfigError / DataError / FileNotFoundError naming the field or path when the dataset
     is unusable (a table split without a usable box included). Not cached: the input pipeline
@@ -650,7 +657,7 @@ def load_source(cfg: Any, split: str, job: Any = None) -> Table | TfdsSource:
     kind = field(cfg, "kind")
     keep_crowd = split != "train"
     if kind == "synthetic":
-        src = synthetic_table(cfg, split, job)
+        src = synthetic_table(cfg, split, job, store_size)
     elif kind == "coco_json":
         src = coco_json_table(field(cfg, f"{split}_annotations"), field(cfg, f"{split}_images"),
                               keep_crowd=keep_crowd)

@@ -512,13 +512,18 @@ def _split_nbytes(num_examples: int, image_size: int) -> int:
 
 def _fill(arrays: dict[str, np.ndarray], seed: int, split: str, lo: int, hi: int,
           image_size: int, parent: int | None = None) -> None:
-    """Examples lo..hi-1 of a split into `arrays` (the layout of `generate_split`)."""
+    """Examples lo..hi-1 of a split into `arrays` (the layout of `generate_split`); images whose
+    array is smaller than `image_size` are resized to it with `ssd_jax.image.resize`."""
+    from ssd_jax import image as image_lib  # numpy and Pillow only
+
+    store = arrays["image"].shape[1]
     for i in range(lo, hi):
         if parent is not None and os.getppid() != parent:
             raise SystemExit("ssd_jax synthetic worker: the process that started it is gone")
         ex = generate_example(seed, split, i, image_size)
         n = ex["labels"].shape[0]
-        arrays["image"][i] = ex["image"]
+        arrays["image"][i] = ex["image"] if store == image_size else image_lib.resize(
+            ex["image"], store)
         arrays["boxes"][i, :n] = ex["boxes"]
         arrays["labels"][i, :n] = ex["labels"]
         arrays["num_boxes"][i] = n
@@ -528,10 +533,10 @@ def _fill(arrays: dict[str, np.ndarray], seed: int, split: str, lo: int, hi: int
 def _worker_main() -> None:
     """Entry of a worker process (`SplitJob`): fills examples [lo, hi) of the split into the
     shared buffer it inherited as file descriptor `fd`."""
-    fd, seed, split, lo, hi, num_examples, image_size, parent = sys.argv[1:]
-    nbytes = _split_nbytes(int(num_examples), int(image_size))
+    fd, seed, split, lo, hi, num_examples, image_size, store_size, parent = sys.argv[1:]
+    nbytes = _split_nbytes(int(num_examples), int(store_size))
     with mmap.mmap(int(fd), nbytes) as buffer:
-        arrays = _split_arrays(buffer, int(num_examples), int(image_size))
+        arrays = _split_arrays(buffer, int(num_examples), int(store_size))
         _fill(arrays, int(seed), split, int(lo), int(hi), int(image_size), parent=int(parent))
         del arrays
 
@@ -548,8 +553,11 @@ class SplitJob:
     """
 
     def __init__(self, seed: int, split: str, num_examples: int, image_size: int = 256,
-                 processes: int = 0):
+                 processes: int = 0, store_size: int | None = None):
         _check_args(seed, split, 0, image_size)
+        self.store_size = int(store_size or image_size)
+        if not 1 <= self.store_size <= image_size:
+            raise ValueError(f"store_size must be in 1..image_size, got {store_size}")
         self.args = (int(seed), split, int(num_examples), int(image_size))
         self._arrays: dict[str, np.ndarray] | None = None
         self._workers: list[tuple[subprocess.Popen, Any]] = []
@@ -557,7 +565,7 @@ class SplitJob:
         processes = min(int(processes), n)
         if processes < 1 or not hasattr(os, "memfd_create"):
             return
-        nbytes = _split_nbytes(n, int(image_size))
+        nbytes = _split_nbytes(n, self.store_size)
         fd = os.memfd_create("ssd_jax_synthetic")
         try:
             os.ftruncate(fd, nbytes)
@@ -573,7 +581,7 @@ class SplitJob:
                 cmd = [sys.executable, "-c",
                        "from ssd_jax.data.synthetic import _worker_main; _worker_main()",
                        str(fd), str(seed), split, str(lo), str(hi), str(n), str(image_size),
-                       str(os.getpid())]
+                       str(self.store_size), str(os.getpid())]
                 self._workers.append((subprocess.Popen(
                     cmd, pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=err), err))
@@ -590,7 +598,7 @@ class SplitJob:
         seed, split, n, size = self.args
         if not self._workers:
             arrays = {name: np.zeros(shape, dtype)
-                      for name, dtype, shape, _ in _split_layout(n, size)}
+                      for name, dtype, shape, _ in _split_layout(n, self.store_size)}
             _fill(arrays, seed, split, 0, n, size)
         else:
             try:
@@ -607,7 +615,7 @@ class SplitJob:
             for _, err in self._workers:
                 err.close()
             self._workers = []
-            arrays = _split_arrays(self._buffer, n, size)
+            arrays = _split_arrays(self._buffer, n, self.store_size)
         self._arrays = arrays
         return arrays
 
@@ -622,21 +630,24 @@ class SplitJob:
 
 
 def generate_split(
-    seed: int, split: str, num_examples: int, image_size: int = 256, processes: int = 0
+    seed: int, split: str, num_examples: int, image_size: int = 256, processes: int = 0,
+    store_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Examples 0..num_examples-1 of a split, stacked and padded to MAX_OBJECTS boxes.
 
     processes >= 1 renders them in that many worker processes (`SplitJob`); the arrays are the
-    same bit for bit.
+    same bit for bit. store_size < image_size keeps each image resized to that side
+    (`ssd_jax.image.resize`, the evaluation's bilinear resize) instead: a training table held at
+    the model's input size.
 
     Returns:
-      {"image": uint8 [N, S, S, 3],
+      {"image": uint8 [N, S, S, 3] (S = store_size or image_size),
        "boxes": float32 [N, MAX_OBJECTS, 4] normalized corners, zero rows for padding,
        "labels": int32 [N, MAX_OBJECTS], 0 for padding (padding always after the real boxes),
        "num_boxes": int32 [N],
        "image_id": int64 [N]}.
     """
-    return SplitJob(seed, split, num_examples, image_size, processes).result()
+    return SplitJob(seed, split, num_examples, image_size, processes, store_size).result()
 
 
 def render_preview(

@@ -71,8 +71,8 @@ class Watchdog:
 
     A daemon thread in each process bumps its own counter in the coordination service's key-value
     store every `interval` seconds and reads everyone's. A process whose counter has not moved for
-    `timeout` seconds (this process's clock) is lost; an unreachable store means process 0 (which
-    hosts the coordination service) is. Then `on_lost(message)` runs in the thread; by default it
+    `timeout` seconds (this process's clock) is lost; a store unreachable for as long means process
+    0 (which hosts the coordination service) is. Then `on_lost(message)` runs in the thread; by default it
     logs the message and ends this process at once (`os._exit(1)`: the main thread may be blocked
     in a collective, and the runtime's shutdown would wait for the lost process).
     `lost_now(window)` is for the main thread after a collective failed: it waits up to `window`
@@ -89,6 +89,7 @@ class Watchdog:
         self.timeout, self.interval = float(timeout), float(interval)
         self.on_lost = on_lost or exit_lost
         self._seen: dict[int, tuple[str, float]] = {}
+        self._unreachable_since: float | None = None
         self._stop = threading.Event()
         self._beats = 0
         self._thread = None
@@ -105,12 +106,14 @@ class Watchdog:
 
     def _stale(self, timeout: float) -> list[int] | None:
         """Processes whose counter has not moved for `timeout` s ("done" never counts); None:
-        the coordination service is unreachable."""
+        the coordination service has been unreachable for `timeout` s."""
+        now = time.monotonic()
         try:
             values = dict(self.client.key_value_dir_get(_ALIVE_DIR))
-        except Exception:  # noqa: BLE001 - any RPC failure: the coordination service is gone
-            return None
-        now = time.monotonic()
+        except Exception:  # noqa: BLE001 - any RPC failure: the service may be gone
+            self._unreachable_since = self._unreachable_since or now
+            return None if now - self._unreachable_since > timeout else []
+        self._unreachable_since = None
         lost = []
         for i in range(self.n):
             value = values.get(f"{_ALIVE_DIR}{i}", "")

@@ -218,3 +218,56 @@ def _evaluate_and_predict_in_one_process(workdir, trained_map: float) -> None:
     images = [data.source("eval").images[i] for i in range(3)]
     detections = predictor.predict(images)
     assert len(detections) == 3
+
+
+class _FakeClient:
+    """The coordination service's key-value store, as `distributed.Watchdog` uses it."""
+
+    def __init__(self):
+        self.store: dict[str, str] = {}
+        self.reachable = True
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if not self.reachable:
+            raise RuntimeError("UNAVAILABLE: Socket closed")
+        self.store[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if not self.reachable:
+            raise RuntimeError("UNAVAILABLE: Socket closed")
+        return [(k, v) for k, v in self.store.items() if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize("case", ["silent", "coordinator", "done"])
+def test_watchdog_names_the_lost_process(monkeypatch, case):
+    """Without a failed collective (a hang): a process whose counter stands still for the timeout
+    is named; an unreachable coordination service names process 0; a process that finished
+    ("done") is never lost. Process 0's view of 3 processes; process 2 keeps beating, process 1
+    stands still (or beats until the service goes, or is done)."""
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    from ssd_jax import distributed
+
+    client = _FakeClient()
+    monkeypatch.setattr(jax_distributed.global_state, "client", client)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    client.store["ssd_jax/alive/1"] = "done" if case == "done" else "1"
+    lost: list[str] = []
+    dog = distributed.Watchdog(timeout=0.6, interval=0.05, on_lost=lost.append)
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        client.store["ssd_jax/alive/2"] = str(time.monotonic())
+        if case == "coordinator":  # everyone beats until the service goes
+            client.store["ssd_jax/alive/1"] = str(time.monotonic())
+            client.reachable = time.monotonic() < deadline - 4.5
+        time.sleep(0.02)
+    dog.stop()
+    if case == "done":
+        assert lost == []
+    elif case == "silent":
+        assert lost == ["process 1 of 3 stopped (no sign of life for 1 s); this process (0) "
+                        "stops too"], lost
+    else:
+        assert len(lost) == 1 and lost[0].startswith("process 0 of 3 (the coordinator) is gone")

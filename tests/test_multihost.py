@@ -8,6 +8,7 @@ Each case launches `tests/multihost_worker.py` processes (gloo collectives on th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -169,14 +170,15 @@ def _run_two_process_cases(tmp_path):
     return opts, procs, died, stopped
 
 
-def test_lost_process_stops_the_other_and_the_rerun_resumes_exactly(tmp_path):
+def test_lost_process_stops_the_other_and_the_rerun_resumes_exactly(tmp_path, caplog):
     """Process 1 of 2 is SIGKILLed as it reaches step 5: process 0 stops within the bound (well
     under the config's 20 s lost_process_timeout here: its all-reduce fails at once and the
     watchdog names the process whose heartbeat stopped) with a message naming process 1 and the
     checkpoint to resume from. A half-written checkpoint (step 6, as a kill during a save leaves
     it) is never restored: the same commands again resume both processes from step 3 and end bit
     for bit equal to the uninterrupted run. Then this one process evaluates and predicts with the
-    checkpoint the two processes wrote."""
+    checkpoint the two processes wrote, and resumes that run for a step (the log says the layout
+    changed)."""
     opts, procs, died, stopped = _run_two_process_cases(tmp_path)
     killed = procs["killed"]
     assert killed[1].returncode == -signal.SIGKILL
@@ -202,6 +204,24 @@ def test_lost_process_stops_the_other_and_the_rerun_resumes_exactly(tmp_path):
     assert "resumed from checkpoint step 3" in (tmp_path / "killed" / "train.log").read_text()
 
     _evaluate_and_predict_in_one_process(tmp_path / "full", float(full[0]["mAP"]))
+
+    # and this one process (one device) resumes the 2-process run for a step, saying so
+    from ssd_jax import train_lib
+    from tests.test_train import tiny_config
+
+    config = tiny_config()
+    config.num_train_steps = opts["steps"] + 1
+    for key, value in opts["config"].items():
+        *path, name = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[name] = value
+    with caplog.at_level(logging.WARNING):
+        state, _ = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
+    assert int(state.step) == opts["steps"] + 1
+    assert "resuming step 8 on 1 process(es) with 1 device(s) in all; the run was last started " \
+        "on 2 process(es) with 2 device(s)" in caplog.text, caplog.text[-3000:]
 
 
 def _evaluate_and_predict_in_one_process(workdir, trained_map: float) -> None:

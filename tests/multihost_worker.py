@@ -15,6 +15,23 @@ import os
 import sys
 
 
+def worker_config(args: dict):
+    """`tests.test_train.tiny_config()` with the run's "steps", "dtype" and "config" overrides
+    ({"dataset.num_test": 0, ...})."""
+    from tests.test_train import tiny_config
+
+    config = tiny_config()
+    config.num_train_steps = int(args.get("steps", 3))
+    config.dtype = args.get("dtype", "float32")
+    for key, value in args.get("config", {}).items():
+        *path, name = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[name] = value
+    return config
+
+
 def _die_at_step(train_lib, step: int) -> None:
     import dataclasses
     import signal
@@ -61,20 +78,11 @@ def main() -> None:
 
     from ssd_jax import distributed, train_lib
     from ssd_jax.errors import LostProcessError
-    from tests.test_train import tiny_config
 
     n = int(args.get("processes", 1))
     if n > 1:
         distributed.maybe_initialize(f"localhost:{args['port']}", n, int(args["process_id"]))
-    config = tiny_config()
-    config.num_train_steps = int(args.get("steps", 3))
-    config.dtype = args.get("dtype", "float32")
-    for key, value in args.get("config", {}).items():
-        *path, name = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[name] = value
+    config = worker_config(args)
     if "die_at_step" in args and int(args.get("die_process", 0)) == int(args.get("process_id", 0)):
         # SIGKILL process "die_process" as it is about to run that step
         _die_at_step(train_lib, int(args["die_at_step"]))

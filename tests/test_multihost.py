@@ -207,16 +207,9 @@ def test_lost_process_stops_the_other_and_the_rerun_resumes_exactly(tmp_path, ca
 
     # and this one process (one device) resumes the 2-process run for a step, saying so
     from ssd_jax import train_lib
-    from tests.test_train import tiny_config
+    from tests.multihost_worker import worker_config
 
-    config = tiny_config()
-    config.num_train_steps = opts["steps"] + 1
-    for key, value in opts["config"].items():
-        *path, name = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[name] = value
+    config = worker_config({**opts, "steps": opts["steps"] + 1})
     with caplog.at_level(logging.WARNING):
         state, _ = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
     assert int(state.step) == opts["steps"] + 1

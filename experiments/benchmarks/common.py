@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -56,6 +57,37 @@ def time_torch(fn: Callable[[], object], *, warmup: int = 2, min_time: float = 1
         iters += 1
     sync()
     return (time.perf_counter() - start) / iters
+
+
+#: Dense peak TFLOP/s of the cards the targets are set on (vendor datasheet, SXM): bf16 tensor
+#: cores, and TF32 (what XLA and cuDNN use for float32 convolutions by default).
+PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 494.0}, "H100": {"bf16": 989.0, "fp32": 494.0}}
+
+
+def program_flops(jitted: Any, *args: Any) -> float | None:
+    """FLOPs of one call of `jitted(*args)` by XLA's cost analysis of the compiled program (None
+    where the backend gives none). Compiles once more; the timing loop's cache is unaffected."""
+    try:
+        cost = jitted.lower(*args).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - a missing analysis must not stop the benchmark
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def achieved(flops: float | None, seconds: float, dtype_name: str) -> str:
+    """'X TFLOP/s (Y% of <card>'s dense <dtype> peak)' for one call of `flops` in `seconds`."""
+    if not flops:
+        return ""
+    tflops = flops / seconds / 1e12
+    kind = jax.devices()[0].device_kind
+    card = next((c for c in PEAK_TFLOPS if c in kind), None)
+    if card is None:
+        return f"{tflops:.1f} TFLOP/s"
+    peak = PEAK_TFLOPS[card][dtype_name]
+    return f"{tflops:.1f} TFLOP/s = {100 * tflops / peak:.0f}% of the {card}'s {dtype_name} peak"
 
 
 def format_table(rows: list[Row]) -> str:

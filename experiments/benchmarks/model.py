@@ -25,7 +25,16 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments.benchmarks.common import Row, dtype_items, int_items, items, time_jax, time_torch
+from experiments.benchmarks.common import (
+    Row,
+    achieved,
+    dtype_items,
+    int_items,
+    items,
+    program_flops,
+    time_jax,
+    time_torch,
+)
 from ssd_jax import models, train_lib
 from ssd_jax.errors import UserError
 
@@ -113,21 +122,11 @@ def describe(model: models.SSD, variables: Any) -> str:
             f"{models.flops_per_image(model) / 1e9:.2f} GMAC/img")
 
 
-def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
-               ) -> tuple[float, float, str]:
-    """(forward, train step) seconds per call of our model `name`, and its description."""
-    config = voc_train_config(name, dtype_name)
-    model = train_lib.create_model(config, NUM_CLASSES)
-    size = model.prior_spec.image_size
-    images, boxes, labels = _synthetic(batch, size)
-
-    plain = model.with_bn_axis_name(None)  # the forward runs outside shard_map
-    variables = models.init_variables(plain, jax.random.key(0))
-    about = describe(plain, variables)
-    fwd = jax.jit(lambda v, x: plain.apply(v, x))
-    dev_images = jax.device_put(images)
-    t_fwd = time_jax(lambda: fwd(variables, dev_images), **timing)
-
+def train_step(config: Any, model: models.SSD, batch: int) -> tuple[Any, Any]:
+    """(run_step, step_args) of the product's train step of `model` under `config` on a
+    synthetic batch already on the device: `run_step()` runs one step (state donated and kept)
+    and returns the loss; `step_args()` is (jitted step, state, batch) for lowering it."""
+    images, boxes, labels = _synthetic(batch, model.prior_spec.image_size)
     tx = train_lib.create_optimizer(config)
     steps = train_lib.make_steps(config, model, tx, jax.make_mesh((1,), ("data",)))
     state = [jax.device_put(train_lib.create_train_state(config, model, tx), steps.replicated)]
@@ -138,8 +137,29 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
         state[0], metrics = steps.train(state[0], data)
         return metrics["loss"]
 
+    return run_step, lambda: (steps.train, state[0], data)
+
+
+def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
+               ) -> tuple[float, float, str, str]:
+    """(forward, train step) seconds per call of our model `name`, its description, and the
+    train step's achieved TFLOP/s (XLA's FLOP count of the compiled step; accelerators only)."""
+    config = voc_train_config(name, dtype_name)
+    model = train_lib.create_model(config, NUM_CLASSES)
+    images, _, _ = _synthetic(batch, model.prior_spec.image_size)
+
+    plain = model.with_bn_axis_name(None)  # the forward runs outside shard_map
+    variables = models.init_variables(plain, jax.random.key(0))
+    about = describe(plain, variables)
+    fwd = jax.jit(lambda v, x: plain.apply(v, x))
+    dev_images = jax.device_put(images)
+    t_fwd = time_jax(lambda: fwd(variables, dev_images), **timing)
+
+    run_step, step_args = train_step(config, model, batch)
     t_step = time_jax(run_step, **timing)
-    return t_fwd, t_step, about
+    on_cpu = jax.devices()[0].platform == "cpu"
+    flops = None if on_cpu else program_flops(*step_args())
+    return t_fwd, t_step, about, achieved(flops, t_step, dtype_name)
 
 
 def _time_torchvision(name: str, batch: int, bf16: bool,
@@ -224,7 +244,7 @@ def _run_one(args: Any, names: list[str], batch: int, dtype_name: str, quick: bo
     rows = []
     ssd300_step = None
     for name in names:
-        t_fwd, t_step, about = _time_ours(name, batch, dtype_name, timing)
+        t_fwd, t_step, about, rate = _time_ours(name, batch, dtype_name, timing)
         peer = (None, None)
         if getattr(args, "peer", True) and name in PEERS:
             try:
@@ -236,6 +256,7 @@ def _run_one(args: Any, names: list[str], batch: int, dtype_name: str, quick: bo
             ssd300_step = t_step
         elif ssd300_step is not None:
             note = f"train step {ssd300_step / t_step:.1f}x SSD300's images/s"
+        note = ", ".join(x for x in (rate, note) if x)
         if peer[0] and peer[1] is None:
             note = ", ".join(x for x in (note, "torchvision cannot train it at batch 1 (BatchNorm "
                                          "over one value)") if x)

@@ -43,10 +43,10 @@ except ImportError as e:
     print(f"no torch peer: {e}")'
 } 2>&1 | tee "$OUT/device.txt"
 
-part targets "${TARGETS_LIMIT:-230}" "$PY" -m experiments.benchmark --targets
-part profile "${PROFILE_LIMIT:-70}" "$PY" -m experiments.benchmarks.device_profile \
+part targets "${TARGETS_LIMIT:-240}" "$PY" -m experiments.benchmark --targets
+part profile "${PROFILE_LIMIT:-110}" "$PY" -m experiments.benchmarks.device_profile \
   --out="$OUT/trace" --batch=64 --dtype=bf16 --steps=5
-part suites_bf16 "${SUITES_LIMIT:-150}" "$PY" -m experiments.benchmark --suite=model \
+part suites_bf16 "${SUITES_LIMIT:-120}" "$PY" -m experiments.benchmark --suite=model \
   --suite=inference --model_batch=32 --model_dtypes=bf16 --inference_batches=32 \
   --inference_dtypes=bf16
 echo "=== done in $((SECONDS - start))s; text in $OUT ==="

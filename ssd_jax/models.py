@@ -320,7 +320,10 @@ def flops_per_image(model: SSD) -> float:
     size = model.prior_spec.image_size
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
-    cost = jax.jit(lambda v, im: model.apply(v, im)).lower(variables, x).cost_analysis()
+    lowered = jax.jit(lambda v, im: model.apply(v, im)).lower(variables, x)
+    cost = lowered.cost_analysis()  # None on some backends before compiling (GPU, jax 0.11)
+    if not cost:
+        cost = lowered.compile().cost_analysis()
     if isinstance(cost, list):
-        cost = cost[0]
-    return float(cost.get("flops", math.nan)) / 2.0
+        cost = cost[0] if cost else None
+    return float((cost or {}).get("flops", math.nan)) / 2.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,15 +239,25 @@ def test_l2norm_matches_torchvision():
     np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [75, 38, 19])
-def test_pool3_ceil_mode_matches_torch(size):
+@pytest.mark.parametrize("size", [75, 38, 19, 6])
+def test_max_pool_2x2_and_its_gradient_match_torch_ceil_mode(size):
+    """VGG's pools (pool3 in ceil mode): values and the gradient, which goes to the first maximum
+    of each window; small integers make ties in most windows (the case where a gradient that
+    splits or picks another maximum would differ)."""
     torch = pytest.importorskip("torch")
-    x = np.random.default_rng(size).normal(size=(1, size, size, 4)).astype(np.float32)
-    ours = np.asarray(vgg16.max_pool_ceil(jnp.asarray(x), 2, 2))
-    ref = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2, 2,
-                                         ceil_mode=True).permute(0, 2, 3, 1).numpy()
-    assert ours.shape == ref.shape
-    np.testing.assert_array_equal(ours, ref)
+    x = np.random.default_rng(size).integers(0, 3, size=(2, size, size, 4)).astype(np.float32)
+    g = np.random.default_rng(1).normal(size=(2, -(-size // 2), -(-size // 2), 4)).astype(np.float32)
+    ours, vjp = jax.vjp(vgg16.max_pool_2x2, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    ref = torch.nn.functional.max_pool2d(t, 2, 2, ceil_mode=True)
+    ref.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    assert ours.shape == ref.permute(0, 2, 3, 1).shape
+    np.testing.assert_array_equal(np.asarray(ours), ref.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(np.asarray(dx), t.grad.permute(0, 2, 3, 1).numpy())
+    if size % 2 == 0:  # and flax's reduce_window pool (XLA's select_and_scatter gradient)
+        ref_y, ref_vjp = jax.vjp(lambda v: nn.max_pool(v, (2, 2), (2, 2)), jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(dx), np.asarray(ref_vjp(jnp.asarray(g))[0]))
 
 
 def test_source_map_sizes_by_shape_evaluation():

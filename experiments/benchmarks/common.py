@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
@@ -64,21 +63,10 @@ def time_torch(fn: Callable[[], object], *, warmup: int = 2, min_time: float = 1
 PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 494.0}, "H100": {"bf16": 989.0, "fp32": 494.0}}
 
 
-def program_flops(jitted: Any, *args: Any) -> float | None:
-    """FLOPs of one call of `jitted(*args)` by XLA's cost analysis of the compiled program (None
-    where the backend gives none). Compiles once more; the timing loop's cache is unaffected."""
-    try:
-        cost = jitted.lower(*args).compile().cost_analysis()
-    except Exception:  # noqa: BLE001 - a missing analysis must not stop the benchmark
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
 def achieved(flops: float | None, seconds: float, dtype_name: str) -> str:
-    """'X TFLOP/s (Y% of <card>'s dense <dtype> peak)' for one call of `flops` in `seconds`."""
+    """'X TFLOP/s (Y% of <card>'s dense <dtype> peak)' for one call of `flops` in `seconds`
+    ('' without a count). Counts come from `models.flops_per_image` (XLA's analysis of the forward
+    on the host CPU: the GPU's leaves out cuDNN's convolutions)."""
     if not flops:
         return ""
     tflops = flops / seconds / 1e12

@@ -1,10 +1,11 @@
-"""A profile of the product's train step: a `jax.profiler` trace and the top device ops as text.
+"""A profile of the train step or of inference: a `jax.profiler` trace and the top device ops.
 
-    python -m experiments.benchmarks.device_profile --out=DIR [--model=ssd300_vgg16]
-        [--batch=64] [--dtype=bf16] [--steps=5]
+    python -m experiments.benchmarks.device_profile --out=DIR [--program=train|inference]
+        [--model=ssd300_vgg16] [--batch=64] [--dtype=bf16] [--steps=5]
 
 Builds the model suite's train step (`experiments.benchmarks.model.train_step`: the SSD300 VOC
-recipe's step on a synthetic batch already on the device), runs a few warm-up steps, then traces
+recipe's step on a synthetic batch already on the device) or the inference suite's end-to-end
+program (images -> detections), runs a few warm-up steps, then traces
 `--steps` steps into DIR (TensorBoard's profile plugin or Perfetto open it:
 `DIR/plugins/profile/*/*.trace.json.gz`) and prints, from the trace's device lines, the ops that
 took the most device time per step, with the device's busy time against the step's wall time.
@@ -21,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from absl import flags
@@ -31,6 +33,9 @@ from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Folder for the trace (created).")
+flags.DEFINE_enum("program", "train", ["train", "inference"],
+                  "train: the train step; inference: images -> final detections (the inference "
+                  "suite's program: network, decode, per-class NMS, top 200).")
 flags.DEFINE_enum("model", "ssd300_vgg16", list(model_suite.MODEL_NAMES), "Model to profile.")
 flags.DEFINE_integer("batch", 64, "Images per step.")
 flags.DEFINE_enum("dtype", "bf16", ["fp32", "bf16"], "Compute dtype.")
@@ -87,21 +92,41 @@ def top_ops(trace: dict, steps: int, top: int = 15) -> str:
     return "\n".join(out)
 
 
-def profile(out: str, name: str, batch: int, dtype_name: str, steps: int, top: int) -> str:
-    """Trace `steps` train steps of `name` into `out`; returns the report text."""
-    config = model_suite.voc_train_config(name, dtype_name)
-    model = train_lib.create_model(config, model_suite.NUM_CLASSES)
-    run_step, _ = model_suite.train_step(config, model, batch)
+def _inference_step(name: str, batch: int, dtype_name: str) -> Any:
+    """`run()`: the inference suite's end-to-end program of `name` (random trained-like weights)
+    on a batch of uint8 images already on the device; returns the detections."""
+    import jax.numpy as jnp
+
+    from experiments.benchmarks import inference as inference_suite
+
+    dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+    model, variables = inference_suite.our_model(None, dtype, name)
+    infer = inference_suite.make_inference_fn(model, name)
+    variables = jax.device_put(variables)
+    images = jax.device_put(inference_suite.images_batch(batch, size=model.prior_spec.image_size))
+    return lambda: infer(variables, images)
+
+
+def profile(out: str, program: str, name: str, batch: int, dtype_name: str, steps: int,
+            top: int) -> str:
+    """Trace `steps` calls of `program` ("train" or "inference") of model `name` into `out`;
+    returns the report text."""
+    if program == "train":
+        config = model_suite.voc_train_config(name, dtype_name)
+        model = train_lib.create_model(config, model_suite.NUM_CLASSES)
+        run_step = model_suite.train_step(config, model, batch)
+    else:
+        run_step = _inference_step(name, batch, dtype_name)
     for _ in range(3):
         jax.block_until_ready(run_step())
     start = time.perf_counter()
     with jax.profiler.trace(out):
         for _ in range(steps):
-            loss = run_step()
-        jax.block_until_ready(loss)
+            result = run_step()
+        jax.block_until_ready(result)
     wall = (time.perf_counter() - start) / steps * 1e3
     dev = jax.devices()[0]
-    head = (f"profile: {name} train step, batch {batch}, {dtype_name}, {steps} steps traced on "
+    head = (f"profile: {name} {program} program, batch {batch}, {dtype_name}, {steps} steps traced on "
             f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}; {wall:.2f} ms per step "
             f"under the tracer ({batch / wall * 1e3:.0f} img/s); trace in {out}")
     return head + "\n" + top_ops(_trace_events(out), steps, top)
@@ -114,7 +139,7 @@ def main(argv: Sequence[str]) -> None:
         raise UserError("--out: give a folder for the trace")
     if FLAGS.batch < 1 or FLAGS.steps < 1:
         raise UserError("--batch and --steps must be >= 1")
-    print(profile(FLAGS.out, FLAGS.model, FLAGS.batch, FLAGS.dtype, FLAGS.steps, FLAGS.top),
+    print(profile(FLAGS.out, FLAGS.program, FLAGS.model, FLAGS.batch, FLAGS.dtype, FLAGS.steps, FLAGS.top),
           flush=True)
 
 

@@ -42,8 +42,7 @@ from experiments.benchmarks.common import (
     achieved,
     dtype_items,
     int_items,
-    program_flops,
-    time_jax,
+        time_jax,
     time_torch,
 )
 from ssd_jax import inference as ssd_inference
@@ -218,9 +217,7 @@ def _run_model(name: str, batches: list[int], dtypes: list[str], cases: Any, wan
             dets = jax.device_get(infer(variables, images))
             sec = time_jax(lambda f=infer, v=variables, x=images: f(v, x), **timing)
             peer, note = None, f"{np.mean(dets.num_detections):.0f} dets/img"
-            if jax.devices()[0].platform != "cpu":
-                rate = achieved(program_flops(infer, variables, images), sec, dtype_name)
-                note += f", {rate}" if rate else ""
+            note += f", {achieved(2 * models.flops_per_image(model) * batch, sec, dtype_name)}"
             if want_peer and tv_model is not None:
                 peer_sec, peer_dets = _time_peer(tv_model, host, dtype_name == "bf16", timing)
                 peer = batch / peer_sec

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -29,16 +30,48 @@ def _pad(p: int) -> Padding:
     return ((p, p), (p, p))
 
 
-def _pool_ceil_out(n: int, k: int, s: int) -> int:
-    return -(-(n - k) // s) + 1
+def _pool_windows(x: jnp.ndarray) -> jnp.ndarray:
+    """[B,H,W,C] -> [B,ceil(H/2),2,ceil(W/2),2,C]: the 2x2 windows, odd sides padded with -inf
+    at the bottom/right (ceil mode)."""
+    b, h, w, c = x.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=-jnp.inf)
+    return x.reshape(b, (h + ph) // 2, 2, (w + pw) // 2, 2, c)
 
 
-def max_pool_ceil(x: jnp.ndarray, k: int, s: int) -> jnp.ndarray:
-    """Max pool [B,H,W,C] with PyTorch's ceil_mode=True (extra -inf padding at the bottom/right)."""
-    h, w = x.shape[1], x.shape[2]
-    ph = (_pool_ceil_out(h, k, s) - 1) * s + k - h
-    pw = (_pool_ceil_out(w, k, s) - 1) * s + k - w
-    return nn.max_pool(x, (k, k), (s, s), padding=((0, ph), (0, pw)))
+@jax.custom_vjp
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2 stride-2 max pool [B,H,W,C] -> [B,ceil(H/2),ceil(W/2),C] in ceil mode (PyTorch's
+    `max_pool2d(x, 2, 2, ceil_mode=True)`; `nn.max_pool` for even sides).
+
+    A reshape and a max (no reduce_window), and a gradient that routes each output's cotangent to
+    the first maximum of its window in row-major order (what `nn.max_pool`'s select_and_scatter
+    and PyTorch do, ties included) with compares and selects: on GPU, XLA expands
+    select_and_scatter into a windowed argmax and a scatter, which took ~16% of the SSD300 bf16
+    train step on an H200 (issue 17's profile)."""
+    return _pool_windows(x).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_2x2_bwd(res: tuple[jnp.ndarray, jnp.ndarray], g: jnp.ndarray
+                      ) -> tuple[jnp.ndarray]:
+    x, y = res
+    eq = _pool_windows(x) == y[:, :, None, :, None, :]
+    e00, e01, e10, e11 = eq[:, :, 0, :, 0], eq[:, :, 0, :, 1], eq[:, :, 1, :, 0], eq[:, :, 1, :, 1]
+    first = (e00, e01 & ~e00, e10 & ~(e00 | e01), e11 & ~(e00 | e01 | e10))
+    zero = jnp.zeros((), g.dtype)
+    m00, m01, m10, m11 = (jnp.where(m, g, zero) for m in first)
+    dx = jnp.stack([jnp.stack([m00, m01], axis=3), jnp.stack([m10, m11], axis=3)], axis=2)
+    b, hp, _, wp, _, c = dx.shape
+    return (dx.reshape(b, 2 * hp, 2 * wp, c)[:, :x.shape[1], :x.shape[2]],)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 class VGG16(nn.Module):
@@ -64,12 +97,10 @@ class VGG16(nn.Module):
         for stage, features, repeats in stages:
             for i in range(1, repeats + 1):
                 x = self._conv(x, f"conv{stage}_{i}", features)
-            if stage == 3:
-                x = max_pool_ceil(x, 2, 2)
-            elif stage < 3:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+            if stage < 4:
+                x = max_pool_2x2(x)  # pool3 in ceil mode (75 -> 38 at 300 px)
         conv4_3 = x
-        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = max_pool_2x2(x)
         for i in range(1, 4):
             x = self._conv(x, f"conv5_{i}", 512)
         x = nn.max_pool(x, (3, 3), (1, 1), padding=_pad(1))

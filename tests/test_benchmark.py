@@ -146,3 +146,24 @@ def test_benchmark_train_config_is_the_voc_recipe():
     for key, value in model_suite.VOC_TRAIN_FIELDS.items():
         assert voc.get(key) == value, key
     assert bench.dtype == voc.dtype and bench.model.name == voc.model.name
+
+
+def test_device_profile_sums_device_ops_per_step_from_one_line():
+    """The profile's table: only the device process, the busiest line of it (a stream and an op
+    line showing the same kernels are not added together), per-step milliseconds and shares."""
+    from experiments.benchmarks.device_profile import top_ops
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}}]
+    stream = [{"ph": "X", "pid": 1, "tid": 7, "name": n, "dur": d}
+              for n, d in [("conv", 3000), ("conv", 3000), ("scatter", 2000)]]
+    ops_line = [{"ph": "X", "pid": 1, "tid": 8, "name": "conv", "dur": 5000}]
+    host = [{"ph": "X", "pid": 2, "tid": 1, "name": "python", "dur": 10**7}]
+    text = top_ops({"traceEvents": meta + stream + ops_line + host}, steps=2, top=5)
+    assert "/device:GPU:0 / Stream #7: 4.00 ms busy per step, 2 distinct ops" in text
+    rows = text.split("ms per step, share of its busy time):\n")[1].splitlines()
+    assert rows[0].split()[:3] == ["3.000", "ms", "75.0%"] and rows[0].endswith("conv")
+    assert rows[1].split()[:3] == ["1.000", "ms", "25.0%"] and rows[1].endswith("scatter")
+    assert "python" not in text

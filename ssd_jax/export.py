@@ -137,7 +137,8 @@ def save_onnx(predictor: Any, path: str) -> None:
     from ssd_jax import inference
 
     dense = dataclasses.replace(predictor, fn=inference.make_detect_fn(
-        predictor.model, {**predictor.detect_kwargs, "max_candidate_priors": 0}))
+        predictor.model, {**predictor.detect_kwargs, "max_candidate_priors": 0,
+                          "decode_per_image": True}))
     serve = serving_fn(dense)
     s = predictor.image_size
     for p in (path, path + ".data"):  # to_onnx refuses an existing weights file

@@ -149,6 +149,22 @@ def test_batch_invariance_under_jit():
             np.testing.assert_array_equal(a[0], b[i])
 
 
+def test_decode_per_image_or_vmapped_give_the_same_detections():
+    """The accelerators' vmapped decode (default off CPU) against the per-image one (CPU's
+    default, and the ONNX export's): the same detections, boxes within float32 rounding."""
+    rng = np.random.default_rng(5)
+    pri = priors.generate_priors(SMALL_SPEC)
+    logits, offsets = trained_like_outputs(rng, 4, pri.shape[0], 21, num_candidates=150)
+    runs = [jax.device_get(jax.jit(lambda c, b, d=d: postprocess.detect(
+        c, b, pri, decode_per_image=d))(logits, offsets)) for d in (None, True, False)]
+    for a, b in zip(runs[0], runs[1], strict=True):  # on CPU the default is per image
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(runs[1].classes, runs[2].classes)
+    np.testing.assert_array_equal(runs[1].num_detections, runs[2].num_detections)
+    np.testing.assert_allclose(runs[1].scores, runs[2].scores, rtol=0, atol=0)
+    np.testing.assert_allclose(runs[1].boxes, runs[2].boxes, rtol=0, atol=1e-6)
+
+
 def test_nms_padded_is_greedy():
     """nms_padded against a plain-loop greedy NMS, on clustered boxes, for several tile sizes."""
     rng = np.random.default_rng(4)

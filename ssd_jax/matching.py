@@ -13,6 +13,29 @@ import jax.numpy as jnp
 from ssd_jax import box_coder, box_ops
 
 
+def _best_over_rows(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(max, argmax) over axis 0 of x [M, N] (the first row among equal maxima, as jnp.argmax),
+    as a chain of M compare-and-selects: one elementwise loop over [N] that XLA fuses with the
+    IoU; XLA:CPU's variadic (value, index) reduce over a fused operand is several times slower."""
+    best, index = x[0], jnp.zeros(x.shape[1:], jnp.int32)
+    for m in range(1, x.shape[0]):
+        better = x[m] > best  # strict: an equal later row does not win
+        best, index = jnp.where(better, x[m], best), jnp.where(better, m, index)
+    return best, index
+
+
+def _first_argmax_last_axis(x: jnp.ndarray) -> jnp.ndarray:
+    """jnp.argmax over the last axis (the first index among equal maxima) of x [..., N] without
+    NaN, as two max reductions (XLA:CPU's variadic argmax reduce over a long minor axis is ~4x
+    slower): the largest of N - index over the positions equal to the maximum."""
+    n = x.shape[-1]
+    if n >= 1 << 24:
+        raise ValueError(f"{n} entries: N - index is not exact in float32")
+    best = jnp.max(x, axis=-1, keepdims=True)
+    rank = jnp.where(x == best, jnp.arange(n, 0, -1, dtype=jnp.float32), 0.0)
+    return n - jnp.max(rank, axis=-1).astype(jnp.int32)
+
+
 def match_priors(
     gt_boxes: jnp.ndarray,
     gt_labels: jnp.ndarray,
@@ -40,13 +63,12 @@ def match_priors(
     overlaps = jnp.where(valid[:, None], overlaps, -1.0)
 
     # Rule 2: best ground truth per prior, thresholded (first index wins ties, as torch.max).
-    best_gt = jnp.argmax(overlaps, axis=0)  # [P]
-    best_gt_iou = jnp.max(overlaps, axis=0)
+    best_gt_iou, best_gt = _best_over_rows(overlaps)  # [P], [P]
     matched = best_gt_iou >= iou_threshold
 
     # Rule 1: each real ground truth forces its best prior; if several share one, the last wins
     # (deterministic scatter-max over gt indices).
-    best_prior = jnp.argmax(overlaps, axis=1)  # [M]
+    best_prior = _first_argmax_last_axis(overlaps)  # [M]
     gt_index = jnp.where(valid, jnp.arange(num_gt), -1)
     forced = jnp.full(priors.shape[0], -1, jnp.int32).at[best_prior].max(gt_index.astype(jnp.int32))
     best_gt = jnp.where(forced >= 0, forced, best_gt)

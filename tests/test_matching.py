@@ -129,3 +129,22 @@ def test_ties_go_to_the_lowest_index_like_torch():
     assert (ref.numpy() >= 0).all()
     expected = labels[0][ref.numpy()]
     np.testing.assert_array_equal(np.asarray(cls)[0], expected)
+
+
+def test_a_prior_tied_between_two_ground_truths_takes_the_first_like_torch():
+    """Rule 2's tie: a prior with exactly the same IoU (0.5) to two ground truths, neither of
+    which is forced onto it, takes the first (torch.max's rule; `>=` in a compare chain over the
+    ground truths would give the second)."""
+    corners = np.array([[0.25, 0.25, 0.75, 0.75],   # prior 0: upper and lower halves tie at 0.5
+                        [0.25, 0.25, 0.75, 0.5],    # prior 1 = gt 0 (its forced prior)
+                        [0.25, 0.5, 0.75, 0.75]], np.float32)  # prior 2 = gt 1
+    pri = np.asarray(box_ops.corners_to_centers(corners))
+    gt = corners[None, 1:].copy()
+    labels = np.array([[1, 2]], np.int32)
+    iou = np.asarray(box_ops.iou(gt[0], corners))
+    np.testing.assert_array_equal(iou[:, 0], np.float32([0.5, 0.5]))
+    cls, _ = matching.match_batch(gt, labels, pri, 0.5)
+    ref = SSDMatcher(0.5)(torchvision.ops.box_iou(torch.from_numpy(gt[0]),
+                                                  torch.from_numpy(corners)))
+    np.testing.assert_array_equal(ref.numpy(), [0, 0, 1])
+    np.testing.assert_array_equal(np.asarray(cls)[0], labels[0][ref.numpy()])

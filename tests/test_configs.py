@@ -12,7 +12,11 @@ import pytest
 
 from ssd_jax import train_lib
 
-CONFIGS = ["default", "ssd300_voc", "ssd512_voc", "ssd300_coco", "ssdlite320_coco",
+#: Every config; the two slowest one-step runs (SSDLite320's and SSD512's unoptimized train
+#: steps, ~60 s each on 2 cores) are `long` (outside the 15-minute suite: `pytest -m long tests`);
+#: their models are checked in the suite by tests/test_ssdlite.py and tests/test_models.py.
+CONFIGS = ["default", "ssd300_voc", pytest.param("ssd512_voc", marks=pytest.mark.long),
+           "ssd300_coco", pytest.param("ssdlite320_coco", marks=pytest.mark.long),
            "ssd300_resnet50_coco"]
 
 

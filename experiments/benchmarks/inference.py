@@ -217,7 +217,8 @@ def _run_model(name: str, batches: list[int], dtypes: list[str], cases: Any, wan
             dets = jax.device_get(infer(variables, images))
             sec = time_jax(lambda f=infer, v=variables, x=images: f(v, x), **timing)
             peer, note = None, f"{np.mean(dets.num_detections):.0f} dets/img"
-            note += f", {achieved(2 * models.flops_per_image(model) * batch, sec, dtype_name)}"
+            if jax.devices()[0].platform != "cpu":
+                note += f", {achieved(2 * models.flops_per_image(model) * batch, sec, dtype_name)}"
             if want_peer and tv_model is not None:
                 peer_sec, peer_dets = _time_peer(tv_model, host, dtype_name == "bf16", timing)
                 peer = batch / peer_sec

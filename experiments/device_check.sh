@@ -4,10 +4,9 @@
 #     OUT=/tmp/check bash experiments/device_check.sh
 #
 # 1. the device and versions; 2. `python -m experiments.benchmark --targets` (the four H200 target
-# rows with torchvision's SSD300 in the same process, achieved TFLOP/s from XLA's cost analysis,
-# met / NOT met); 3. a jax.profiler trace of the SSD300 bf16 batch-64 train step with its top 15
-# device ops as text; 4. the model and inference suites over every model at batch 32 (bf16, then
-# fp32 if time is left). Each part has its own time limit so that the whole fits one call of
+# rows with torchvision's SSD300 in the same process, achieved TFLOP/s, met / NOT met); 3. jax.profiler
+# traces of the SSD300 bf16 batch-64 train step and end-to-end inference with their top device ops
+# as text; 4. the model and inference suites over every model at batch 32, bf16. Each part has its own time limit so that the whole fits one call of
 # under 8 minutes; each writes its text under $OUT as it goes (a part cut short keeps what it
 # printed). Compiles are shared between the parts through JAX's persistent compilation cache.
 # Needs jax with a GPU backend, flax, optax, absl, numpy, Pillow; torch + torchvision for the peer.
@@ -43,10 +42,12 @@ except ImportError as e:
     print(f"no torch peer: {e}")'
 } 2>&1 | tee "$OUT/device.txt"
 
-part targets "${TARGETS_LIMIT:-240}" "$PY" -m experiments.benchmark --targets
-part profile "${PROFILE_LIMIT:-110}" "$PY" -m experiments.benchmarks.device_profile \
+part targets "${TARGETS_LIMIT:-220}" "$PY" -m experiments.benchmark --targets
+part profile "${PROFILE_LIMIT:-70}" "$PY" -m experiments.benchmarks.device_profile \
   --out="$OUT/trace" --batch=64 --dtype=bf16 --steps=5
-part suites_bf16 "${SUITES_LIMIT:-120}" "$PY" -m experiments.benchmark --suite=model \
+part profile_inference "${PROFILE_LIMIT:-50}" "$PY" -m experiments.benchmarks.device_profile \
+  --out="$OUT/trace_inference" --program=inference --batch=64 --dtype=bf16 --steps=5 --top=25
+part suites_bf16 "${SUITES_LIMIT:-110}" "$PY" -m experiments.benchmark --suite=model \
   --suite=inference --model_batch=32 --model_dtypes=bf16 --inference_batches=32 \
   --inference_dtypes=bf16
 echo "=== done in $((SECONDS - start))s; text in $OUT ==="

@@ -3,12 +3,13 @@
 #
 #     OUT=/tmp/check bash experiments/device_check.sh
 #
-# 1. the device and versions; 2. `python -m experiments.benchmark --targets` (the four H200 target
-# rows with torchvision's SSD300 in the same process, achieved TFLOP/s, met / NOT met); 3. jax.profiler
-# traces of the SSD300 bf16 batch-64 train step and end-to-end inference with their top device ops
-# as text; 4. the model and inference suites over every model at batch 32, bf16. Each part has its own time limit so that the whole fits one call of
-# under 8 minutes; each writes its text under $OUT as it goes (a part cut short keeps what it
-# printed). Compiles are shared between the parts through JAX's persistent compilation cache.
+# 1. the device and versions; 2. `python -m experiments.benchmark --targets` (the four H200
+# target rows with torchvision's SSD300 in the same process, achieved TFLOP/s, met / NOT met);
+# 3. jax.profiler traces of the SSD300 bf16 batch-64 train step and end-to-end inference with
+# their top device ops as text; 4. the model and inference suites over every model at batch 32,
+# bf16. Each part has its own time limit so that the whole fits one call of under 8 minutes;
+# each writes its text under $OUT as it goes (a part cut short keeps what it printed). Compiles
+# are shared between the parts through JAX's persistent compilation cache.
 # Needs jax with a GPU backend, flax, optax, absl, numpy, Pillow; torch + torchvision for the peer.
 # Imports no TensorFlow, tfds, clu, ml_collections or pycocotools.
 set -uo pipefail

@@ -175,6 +175,7 @@ def test_exports_of_a_trained_run_equal_predict(trained_predictor, tmp_path):
     _check_artifacts(predictor, out, tmp_path, batches=(3, 1))
 
 
+@pytest.mark.long  # ~70-90 s (SSD300 through jax2onnx and TF); the export machinery: the test above
 def test_exports_of_a_converted_torchvision_ssd300_equal_predict(tmp_path):
     torch = pytest.importorskip("torch")
     from tests.test_predict_evaluate import trained_like_torchvision_ssd300
@@ -186,7 +187,7 @@ def test_exports_of_a_converted_torchvision_ssd300_equal_predict(tmp_path):
     export.export(predictor, out, formats="jax,savedmodel,onnx")
     assert json.load(open(os.path.join(out, export.METADATA)))["categories"][0] == {
         "id": 1, "name": "person"}
-    _check_artifacts(predictor, out, tmp_path, batches=(2,))  # batch-free: the test above
+    _check_artifacts(predictor, out, tmp_path, batches=(2, 1))
 
 
 def test_export_refuses_what_it_cannot_do(trained_predictor, tmp_path):

@@ -172,6 +172,7 @@ def _run_two_process_cases(tmp_path):
     return opts, procs, died, stopped
 
 
+@pytest.mark.long  # ~150 s of 4 processes on 2 cores: over the suite's budget on a slow day
 def test_lost_process_stops_the_other_and_the_rerun_resumes_exactly(tmp_path, caplog):
     """Process 1 of 2 is SIGKILLed as it reaches step 5: process 0 stops within the bound (well
     under the config's 20 s lost_process_timeout here: its all-reduce fails at once and the

@@ -156,8 +156,8 @@ def detect(
     # On CPU, decoded one image at a time: XLA:CPU contracts the decode's multiply-adds into FMAs
     # differently for different batch sizes (1-ulp differences); a per-image body makes an image's
     # boxes bit-identical whatever batch it comes in. Elsewhere vmapped: on GPU the per-image loop
-    # is a while loop whose every iteration waits for the host (64 round trips at batch 64, about
-    # a third of the H200 inference time in issue 17's profile).
+    # is a while loop whose every iteration waits for the host (64 round trips at batch 64; issue
+    # 17's H200 profile had the GPU idle ~30% of each call, waiting on such loops).
     decode = lambda offsets: jnp.clip(box_coder.decode(offsets, priors, variances), 0.0, 1.0)
     per_image = lambda x: jax.lax.map(decode, x)
     if decode_per_image is None:

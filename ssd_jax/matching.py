@@ -31,7 +31,7 @@ def _first_argmax_last_axis(x: jnp.ndarray) -> jnp.ndarray:
     n = x.shape[-1]
     if n >= 1 << 24:
         raise ValueError(f"{n} entries: N - index is not exact in float32")
-    best = jnp.max(x, axis=-1)  # (with keepdims, XLA:CPU materializes its broadcast: slower)
+    best = jnp.max(x, axis=-1)
     rank = jnp.where(x == best[..., None], jnp.arange(n, 0, -1, dtype=jnp.float32), 0.0)
     return n - jnp.max(rank, axis=-1).astype(jnp.int32)
 

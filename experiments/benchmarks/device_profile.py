@@ -78,17 +78,16 @@ def top_ops(trace: dict, steps: int, top: int = 15) -> str:
         counts[line][e["name"]] += 1
     if not lines:
         return "(the trace has no device op events)"
-    out = []
-    for line, totals in sorted(lines.items(), key=lambda kv: -sum(kv[1].values()))[:3]:
-        busy = sum(totals.values()) / steps / 1e3
-        out.append(f"{line[0]} / {line[1]}: {busy:.2f} ms busy per step, "
-                   f"{len(totals)} distinct ops")
-    line, totals = max(lines.items(), key=lambda kv: sum(kv[1].values()))
+    busiest = sorted(lines.items(), key=lambda kv: -sum(kv[1].values()))
+    out = [f"{line[0]} / {line[1]}: {sum(totals.values()) / steps / 1e3:.2f} ms busy per step, "
+           f"{len(totals)} distinct ops" for line, totals in busiest[:3]]
+    line, totals = busiest[0]
     whole = sum(totals.values())
     out.append(f"\ntop {top} ops of {line[0]} / {line[1]} (ms per step, share of its busy time):")
     for name, us in totals.most_common(top):
         calls = counts[line][name] // steps
-        out.append(f"  {us / steps / 1e3:9.3f} ms {100 * us / whole:5.1f}%  x{calls:<3d} {name[:110]}")
+        out.append(f"  {us / steps / 1e3:9.3f} ms {100 * us / whole:5.1f}%  x{calls:<3d} "
+                   f"{name[:110]}")
     return "\n".join(out)
 
 
@@ -126,8 +125,8 @@ def profile(out: str, program: str, name: str, batch: int, dtype_name: str, step
         jax.block_until_ready(result)
     wall = (time.perf_counter() - start) / steps * 1e3
     dev = jax.devices()[0]
-    head = (f"profile: {name} {program} program, batch {batch}, {dtype_name}, {steps} steps traced on "
-            f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}; {wall:.2f} ms per step "
+    head = (f"profile: {name} {program} program, batch {batch}, {dtype_name}, {steps} steps "
+            f"traced on {dev.device_kind} ({dev.platform}), jax {jax.__version__}; {wall:.2f} ms per step "
             f"under the tracer ({batch / wall * 1e3:.0f} img/s); trace in {out}")
     return head + "\n" + top_ops(_trace_events(out), steps, top)
 
@@ -139,8 +138,8 @@ def main(argv: Sequence[str]) -> None:
         raise UserError("--out: give a folder for the trace")
     if FLAGS.batch < 1 or FLAGS.steps < 1:
         raise UserError("--batch and --steps must be >= 1")
-    print(profile(FLAGS.out, FLAGS.program, FLAGS.model, FLAGS.batch, FLAGS.dtype, FLAGS.steps, FLAGS.top),
-          flush=True)
+    print(profile(FLAGS.out, FLAGS.program, FLAGS.model, FLAGS.batch, FLAGS.dtype, FLAGS.steps,
+                  FLAGS.top), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from experiments.benchmarks.common import (
     achieved,
     dtype_items,
     int_items,
-        time_jax,
+    time_jax,
     time_torch,
 )
 from ssd_jax import inference as ssd_inference
@@ -209,6 +209,8 @@ def _run_model(name: str, batches: list[int], dtypes: list[str], cases: Any, wan
         model, variables = our_model(state_dict, dtype, name)
         variables = jax.device_put(variables)
         infer = make_inference_fn(model, name)
+        on_accelerator = jax.devices()[0].platform != "cpu"  # TFLOP/s against its peak
+        macs = models.flops_per_image(model) if on_accelerator else 0.0
         for batch in batches:
             if cases and (batch, dtype_name) not in cases:
                 continue
@@ -217,8 +219,8 @@ def _run_model(name: str, batches: list[int], dtypes: list[str], cases: Any, wan
             dets = jax.device_get(infer(variables, images))
             sec = time_jax(lambda f=infer, v=variables, x=images: f(v, x), **timing)
             peer, note = None, f"{np.mean(dets.num_detections):.0f} dets/img"
-            if jax.devices()[0].platform != "cpu":
-                note += f", {achieved(2 * models.flops_per_image(model) * batch, sec, dtype_name)}"
+            if on_accelerator:
+                note += f", {achieved(2 * macs * batch, sec, dtype_name)}"
             if want_peer and tv_model is not None:
                 peer_sec, peer_dets = _time_peer(tv_model, host, dtype_name == "bf16", timing)
                 peer = batch / peer_sec

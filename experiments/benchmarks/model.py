@@ -114,11 +114,10 @@ def _time_augment(size: int, batch: int, timing: dict) -> float:
     return time_jax(lambda: fn(*args), **timing)
 
 
-def describe(model: models.SSD, variables: Any) -> str:
-    """'P priors, N.NM params, G.G GMAC/img' of `model`."""
+def describe(model: models.SSD, variables: Any, macs: float) -> str:
+    """'P priors, N.NM params, G.G GMAC/img' of `model` (`macs`: `models.flops_per_image`)."""
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
-    return (f"{model.num_priors} priors, {n / 1e6:.1f}M params, "
-            f"{models.flops_per_image(model) / 1e9:.2f} GMAC/img")
+    return f"{model.num_priors} priors, {n / 1e6:.1f}M params, {macs / 1e9:.2f} GMAC/img"
 
 
 def train_step(config: Any, model: models.SSD, batch: int) -> Any:
@@ -148,7 +147,8 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
 
     plain = model.with_bn_axis_name(None)  # the forward runs outside shard_map
     variables = models.init_variables(plain, jax.random.key(0))
-    about = describe(plain, variables)
+    macs = models.flops_per_image(plain)  # one compile of the forward's cost analysis
+    about = describe(plain, variables, macs)
     fwd = jax.jit(lambda v, x: plain.apply(v, x))
     dev_images = jax.device_put(images)
     t_fwd = time_jax(lambda: fwd(variables, dev_images), **timing)
@@ -158,7 +158,7 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
     rate = ""
     if jax.devices()[0].platform != "cpu":  # against an accelerator's peak; on CPU: images/s
         # forward + backward ~ 3 forwards (the backward computes two convolutions per forward one)
-        flops = 3 * 2 * models.flops_per_image(plain) * batch
+        flops = 3 * 2 * macs * batch
         rate = achieved(flops, t_step, dtype_name) + " (step ~ 3 forwards)"
     return t_fwd, t_step, about, rate
 

@@ -169,3 +169,19 @@ def test_eval_resize_matches_tf_image_resize():
     out = augment.eval_resize(img, 30).numpy()
     ref = tf.image.resize(img.astype(np.float32), [30, 30]).numpy()
     assert np.abs(out - ref).max() <= 0.5 + 1e-4
+
+
+@pytest.mark.parametrize("side", [31, 128])
+@pytest.mark.parametrize("flip", [False, True])
+def test_whole_image_shortcut_equals_the_resample_bit_for_bit(side, flip):
+    """Flip-only training on a table already at the model's side skips crop_and_resize: the
+    shortcut must give the very floats of the general resample (window = the whole image), or
+    the default's trajectory would move."""
+    image = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    want, want_valid = augment.render_window(tf.constant(image), tf.constant([0.0, 0.0, 1.0, 1.0]),
+                                             side, tf.constant(flip))
+    got, got_valid = augment._render_whole(tf.constant(image), tf.constant(flip))
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(got_valid.numpy(), want_valid.numpy())
+    if flip:
+        assert not np.array_equal(got.numpy(), got.numpy()[:, ::-1])

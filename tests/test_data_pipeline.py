@@ -253,3 +253,36 @@ def test_flip_only_training_keeps_the_synthetic_table_at_the_models_size(cfg):
     cropped = pipeline.InputPipeline(crop)
     cropped.start_loading(train_image_size=S)
     assert cropped.source("train").images.shape == (10, 48, 48, 3)
+
+
+def test_in_memory_images_take_the_file_path_s_examples_and_seeds(tmp_path):
+    """In-memory tables (synthetic) load each example with a plain map, files through the
+    interleave that falls back past undecodable images: the same stream of (image, boxes, seed)
+    for the same images (PNG: lossless), across epochs."""
+    from PIL import Image
+
+    n, side = 5, 16
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    counts = np.array([1, 2, 0, 3, 1])
+    total = int(counts.sum())
+    common = dict(class_names=("a", "b"), image_id=np.arange(n, dtype=np.int64),
+                  row_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                  boxes=rng.uniform(0, 1, (total, 4)).astype(np.float32),
+                  labels=rng.integers(1, 3, total).astype(np.int32),
+                  difficult=np.zeros(total, bool), iscrowd=np.zeros(total, bool))
+    memory = sources.Table(**common, images=images)
+    files = sources.Table(**common, paths=np.array(paths))
+    streams = []
+    for table in (memory, files):
+        ds = pipeline._table_train_examples(table, 3, seed=7, start_step=1, process_index=1,
+                                            process_count=2)
+        streams.append(list(ds.take(12).as_numpy_iterator()))  # 2.4 epochs of this host
+    for a, b in zip(*streams, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import inspect
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -53,6 +54,7 @@ from ssd_jax.backbones import (
     ResNet50SSDBackbone,
     VGG16SSDBackbone,
 )
+from ssd_jax.backbones.compact import CompactNet
 from ssd_jax.heads import SSDHead, SSDLiteHead
 from ssd_jax.priors import (
     COMPACT6_PRIORS,
@@ -234,18 +236,25 @@ def ssd512_vgg16(num_classes: int, prior_spec: PriorSpec = SSD512_VOC,
 
 def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
                 prior_spec: PriorSpec | None = None, width_mult: float = 1.0,
-                top_down: bool = False, num_maps: int = 6, freeze_bn: bool = False) -> SSD:
+                top_down: bool = False, num_maps: int = 6, freeze_bn: bool = False,
+                depths: Sequence[int] = (0, 1, 1, 1)) -> SSD:
     """The compact conv+BN SSD at 128 px for CPU training from scratch.
 
     num_maps 6 (COMPACT6_PRIORS, strides 4..128, 3572 priors) or 5 (COMPACT_PRIORS, strides
     8..128, 1524 priors); an explicit prior_spec overrides it (the backbone then has as many
-    source maps as the spec has feature maps).
+    source maps as the spec has feature maps). depths: the 3x3 stride-1 convs after each of the 4
+    backbone stages' stride-2 conv (see `CompactNet`).
     """
+    depths = tuple(depths)
+    if len(depths) != len(CompactNet.widths) or not all(
+            isinstance(d, int) and d >= 0 for d in depths):
+        raise ValueError(f"compact_ssd: depths must be {len(CompactNet.widths)} whole numbers >= 0 "
+                         f"(3x3 convs after each backbone stage's stride-2 conv), got {depths}")
     if prior_spec is None:
         if num_maps not in (5, 6):
             raise ValueError(f"compact_ssd: num_maps must be 5 or 6, got {num_maps}")
         prior_spec = COMPACT_PRIORS if num_maps == 5 else COMPACT6_PRIORS
-    backbone = CompactSSDBackbone(width_mult=width_mult, top_down=top_down,
+    backbone = CompactSSDBackbone(width_mult=width_mult, depths=depths, top_down=top_down,
                                   num_maps=len(prior_spec.feature_map_sizes), dtype=dtype)
     return _checked(SSD(backbone=backbone, prior_spec=prior_spec, num_classes=num_classes,
                         dtype=dtype, freeze_bn=freeze_bn))

@@ -257,8 +257,9 @@ def test_flip_only_training_keeps_the_synthetic_table_at_the_models_size(cfg):
 
 def test_in_memory_images_take_the_file_path_s_examples_and_seeds(tmp_path):
     """In-memory tables (synthetic) load each example with a plain map, files through the
-    interleave that falls back past undecodable images: the same stream of (image, boxes, seed)
-    for the same images (PNG: lossless), across epochs."""
+    interleave that falls back past undecodable images: the same training stream of (image,
+    boxes, seed) across epochs, and the same evaluation batches, for the same images (PNG:
+    lossless)."""
     from PIL import Image
 
     n, side = 5, 16
@@ -277,12 +278,26 @@ def test_in_memory_images_take_the_file_path_s_examples_and_seeds(tmp_path):
                   difficult=np.zeros(total, bool), iscrowd=np.zeros(total, bool))
     memory = sources.Table(**common, images=images)
     files = sources.Table(**common, paths=np.array(paths))
-    streams = []
+    streams, evals = [], []
     for table in (memory, files):
         ds = pipeline._table_train_examples(table, 3, seed=7, start_step=1, process_index=1,
                                             process_count=2)
         streams.append(list(ds.take(12).as_numpy_iterator()))  # 2.4 epochs of this host
-    for a, b in zip(*streams, strict=True):
+
+        class Owner:  # the InputPipeline parts the eval iterator uses
+            cfg = None
+
+            def source(self, split):
+                return table
+
+            def count(self, counts):
+                pass
+
+        evals.append(list(pipeline._make_eval_iterator(
+            Owner(), image_size=12, batch_size=2, max_boxes=4, process_index=0,
+            process_count=1)))  # 3 batches, the last one padded
+    assert len(evals[0]) == 3
+    for a, b in [*zip(*streams, strict=True), *zip(*evals, strict=True)]:
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)

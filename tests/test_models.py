@@ -180,6 +180,20 @@ def test_build_model():
         models.build_model("compact", 6, num_maps=7)
 
 
+def test_compact_depths_add_stride_1_convs_where_asked():
+    deeper = models.compact_ssd(4, depths=(0, 2, 1, 1))
+    variables = jax.eval_shape(lambda: models.init_variables(deeper, jax.random.key(0)))
+    convs = sorted(k for k in variables["params"]["backbone"] if "_conv" in k)
+    assert convs == ["stage2_conv", "stage2_conv2", "stage3_conv", "stage4_conv"]
+    kernel = variables["params"]["backbone"]["stage2_conv2"]["conv"]["kernel"]
+    assert kernel.shape == (3, 3, 48, 48)
+    base = jax.eval_shape(lambda: models.init_variables(models.compact_ssd(4), jax.random.key(0)))
+    assert "stage2_conv2" not in base["params"]["backbone"]
+    for bad in [(0, 1, 1), (0, -1, 1, 1), (0, 1.5, 1, 1)]:
+        with pytest.raises(ValueError, match="depths must be 4 whole numbers"):
+            models.compact_ssd(4, depths=bad)
+
+
 @pytest.mark.parametrize("num_maps,top_down", [(5, False), (5, True), (6, True)])
 def test_compact_variants(num_maps, top_down):
     model = models.compact_ssd(4, num_maps=num_maps, top_down=top_down)

@@ -51,11 +51,15 @@ class CompactNet(nn.Module):
     """The compact conv+BN network and its extras: 7 stride-2 stages, the last `num_sources` are
     the source maps (widths as given; `CompactSSDBackbone` derives them from `width_mult`).
 
+    depths: per backbone stage, the 3x3 stride-1 ConvBNs after its stride-2 one (named
+    stage{i}_conv, stage{i}_conv2, ...).
+
     top_down: each source map of the backbone stages gets the next coarser (already fused) map,
     1x1-projected to its width and upsampled 2x (nearest), added before a 3x3 ConvBN.
     """
 
     widths: Sequence[int] = (24, 48, 96, 192)
+    depths: Sequence[int] = (0, 1, 1, 1)
     extra_width: int = 128
     num_extras: int = 3
     num_sources: int = 5
@@ -70,8 +74,9 @@ class CompactNet(nn.Module):
         outs = []
         for i, w in enumerate(self.widths):
             x = ConvBN(w, 3, 2, name=f"stage{i + 1}_down", **kw)(x, train)
-            if i > 0:
-                x = ConvBN(w, 3, 1, name=f"stage{i + 1}_conv", **kw)(x, train)
+            for k in range(self.depths[i]):
+                suffix = "" if k == 0 else str(k + 1)
+                x = ConvBN(w, 3, 1, name=f"stage{i + 1}_conv{suffix}", **kw)(x, train)
             if i >= len(self.widths) + self.num_extras - self.num_sources:
                 outs.append(x)
         num_stage_sources = len(outs)
@@ -103,6 +108,7 @@ class CompactSSDBackbone(nn.Module):
     """
 
     width_mult: float = 1.0
+    depths: Sequence[int] = CompactNet.depths
     top_down: bool = False
     num_maps: int = 6
     axis_name: str | None = None
@@ -114,6 +120,6 @@ class CompactSSDBackbone(nn.Module):
         m = self.width_mult
         return CompactNet(
             widths=tuple(max(8, round(w * m)) for w in CompactNet.widths),
-            extra_width=max(8, round(CompactNet.extra_width * m)),
+            extra_width=max(8, round(CompactNet.extra_width * m)), depths=tuple(self.depths),
             num_sources=self.num_maps, top_down=self.top_down, axis_name=self.axis_name,
             dtype=self.dtype, param_dtype=self.param_dtype, name="backbone")(x, train)

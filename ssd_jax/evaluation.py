@@ -466,8 +466,7 @@ class Evaluator:
 
             batches = tqdm(batches, total=len(self.batches) if hasattr(self.batches, "__len__")
                            else None, desc="evaluate", unit="batch", file=sys.stderr)
-        for batch in batches:
-            dets = self.predict_fn(variables, batch)
+        def add(dets, batch):
             dets = type(dets)(*(host_local(x) for x in dets))
             self.accumulator.add_batch(dets, batch)
             if sum(len(d["image"]) for d in drawn) < self.num_draw:
@@ -476,6 +475,17 @@ class Evaluator:
                 drawn.append({"image": np.asarray(batch["image"])[keep],
                               "boxes": dets.boxes[keep], "labels": dets.classes[keep],
                               "scores": dets.scores[keep]})
+
+        # one batch in flight: the next batch's detections compute (jax dispatches
+        # asynchronously) while this thread scores the previous one
+        pending = None
+        for batch in batches:
+            dets = self.predict_fn(variables, batch)
+            if pending is not None:
+                add(*pending)
+            pending = (dets, batch)
+        if pending is not None:
+            add(*pending)
         self.samples = None
         if drawn:
             self.samples = {k: np.concatenate([d[k] for d in drawn])[:self.num_draw]

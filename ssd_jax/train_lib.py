@@ -38,7 +38,6 @@ from jax.sharding import PartitionSpec as P
 from ssd_jax import distributed, evaluation, matching, models, postprocess, priors
 from ssd_jax import loss as loss_lib
 from ssd_jax.cli import release_freed_memory
-from ssd_jax.distributed import host_local
 from ssd_jax.errors import (
     ConfigError,
     LostProcessError,
@@ -358,11 +357,10 @@ class Steps:
         return {k: jax.make_array_from_process_local_data(self.data, local[k]) for k in keys}
 
     def predict_fn(self) -> Any:
-        """(variables, eval batch of this host) -> this host's Detections: what
-        `evaluation.Evaluator` takes."""
+        """(variables, eval batch of this host) -> the batch's Detections, as jax arrays still
+        being computed (`evaluation.Evaluator` takes this host's rows when it needs them)."""
         def predict(variables, local):
-            dets = self.eval(variables, self.global_batch(local, ("image",))["image"])
-            return postprocess.Detections(*(host_local(x) for x in dets))
+            return self.eval(variables, self.global_batch(local, ("image",))["image"])
 
         return predict
 

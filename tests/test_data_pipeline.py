@@ -287,14 +287,17 @@ def test_in_memory_images_take_the_file_path_s_examples_and_seeds(tmp_path):
         class Owner:  # the InputPipeline parts the eval iterator uses
             cfg = None
 
+            def __init__(self, table):
+                self.table = table
+
             def source(self, split):
-                return table
+                return self.table
 
             def count(self, counts):
                 pass
 
         evals.append(list(pipeline._make_eval_iterator(
-            Owner(), image_size=12, batch_size=2, max_boxes=4, process_index=0,
+            Owner(table), image_size=12, batch_size=2, max_boxes=4, process_index=0,
             process_count=1)))  # 3 batches, the last one padded
     assert len(evals[0]) == 3
     for a, b in [*zip(*streams, strict=True), *zip(*evals, strict=True)]:

@@ -37,4 +37,6 @@ def iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     wh = jnp.maximum(rb - lt, 0.0)
     inter = wh[..., 0] * wh[..., 1]
     union = area(a)[..., :, None] + area(b)[..., None, :] - inter
-    return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
+    # union >= inter >= 0, and union == 0 only where both areas (and so inter) are 0: there
+    # the guarded divide gives 0/1 = 0
+    return inter / jnp.where(union > 0, union, 1.0)

@@ -148,3 +148,36 @@ def test_a_prior_tied_between_two_ground_truths_takes_the_first_like_torch():
                                                   torch.from_numpy(corners)))
     np.testing.assert_array_equal(ref.numpy(), [0, 0, 1])
     np.testing.assert_array_equal(np.asarray(cls)[0], labels[0][ref.numpy()])
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 255, 3572, 8732])
+@pytest.mark.parametrize("chunks", [1, 3, 16])
+def test_first_argmax_equals_numpy_on_ties(n, chunks):
+    """The two-stage argmax against np.argmax (first index among equal maxima) on values drawn
+    from a handful of levels, so that maxima repeat within a piece, across pieces and in the tail;
+    rows whose only maximum sits in the tail, at index 0 or at the last index are included."""
+    rng = np.random.default_rng(n * 100 + chunks)
+    x = rng.integers(-2, 3, size=(40, n)).astype(np.float32) / 4
+    x[0] = -1.0                           # every entry ties: index 0
+    x[1, -1] = 5.0                        # the last index (in the tail where n % chunks != 0)
+    x[2, :] = 0.0
+    x[2, n // 2:] = 0.25                  # the first of a run in the middle
+    x[3, :] = rng.permutation(n).astype(np.float32)  # a unique maximum anywhere
+    got = jax.jit(matching._first_argmax_last_axis, static_argnums=1)(x, chunks)
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=-1))
+
+
+def test_best_over_rows_counts_invalid_rows_as_minus_one():
+    """Rule 2's chain against numpy: max and first argmax over rows of x with the invalid rows
+    replaced by -1 (an invalid row never wins, even with a larger IoU, and all-invalid columns
+    report -1 at row 0)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(7, 300)).astype(np.float32) / 4
+    valid = np.array([False, True, True, False, True, False, True])
+    x[3] = 2.0                             # an invalid row above every valid IoU
+    best, index = jax.jit(matching._best_over_rows)(x, valid)
+    masked = np.where(valid[:, None], x, -1.0)
+    np.testing.assert_array_equal(np.asarray(best), masked.max(0))
+    np.testing.assert_array_equal(np.asarray(index), np.argmax(masked, 0))
+    best, index = matching._best_over_rows(x, np.zeros(7, bool))
+    assert (np.asarray(best) == -1).all() and (np.asarray(index) == 0).all()

@@ -88,15 +88,19 @@ def match_priors(
     # Rule 2: best ground truth per prior, thresholded (first index wins ties, as torch.max);
     # padded rows count as IoU -1, below every real one.
     best_gt_iou, best_gt = _best_over_rows(overlaps, valid)  # [P], [P]
-    matched = best_gt_iou >= iou_threshold
+    chain = jnp.where(best_gt_iou >= iou_threshold, best_gt, -1).astype(jnp.int32)
 
     # Rule 1: each real ground truth forces its best prior; if several share one, the last wins
-    # (deterministic scatter-max over gt indices).
+    # (deterministic scatter-max over gt indices). Scattered as num_gt + index onto rule 2's
+    # result, so that a forced ground truth overrides it: the scatter's output is the one array
+    # every later use reads (XLA:CPU otherwise recomputed rule 2's chain over the IoU inside
+    # each consumer of the targets, the loss's [B, P, 4] gradient fusions among them).
     best_prior = _first_argmax_last_axis(overlaps)  # [M] (padded rows' are dropped below)
-    gt_index = jnp.where(valid, jnp.arange(num_gt), -1)
-    forced = jnp.full(priors.shape[0], -1, jnp.int32).at[best_prior].max(gt_index.astype(jnp.int32))
-    best_gt = jnp.where(forced >= 0, forced, best_gt)
-    matched = matched | (forced >= 0)
+    gt_key = jnp.where(valid, num_gt + jnp.arange(num_gt), -1).astype(jnp.int32)
+    assigned = chain.at[best_prior].max(gt_key)
+    best_gt = jnp.where(assigned >= num_gt, assigned - num_gt, assigned)  # -1: background
+    matched = best_gt >= 0
+    best_gt = jnp.maximum(best_gt, 0)
 
     cls_targets = jnp.where(matched, gt_labels[best_gt], 0).astype(jnp.int32)
     offsets = box_coder.encode(gt_boxes[best_gt], priors, variances)

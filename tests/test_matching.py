@@ -181,3 +181,17 @@ def test_best_over_rows_counts_invalid_rows_as_minus_one():
     np.testing.assert_array_equal(np.asarray(index), np.argmax(masked, 0))
     best, index = matching._best_over_rows(x, np.zeros(7, bool))
     assert (np.asarray(best) == -1).all() and (np.asarray(index) == 0).all()
+
+
+def test_a_forced_ground_truth_overrides_a_better_one_at_its_prior_like_torch():
+    """Rule 1 beats rule 2 whatever the indices: prior 0 is the best prior of gt 0 (IoU 0.05)
+    while gt 1 covers it at IoU 0.9 (and is forced onto prior 1); prior 0 goes to gt 0."""
+    corners = np.array([[0, 0, 1, 1], [0, 0, 0.9, 1]], np.float32)
+    pri = np.asarray(box_ops.corners_to_centers(corners))
+    gt = np.array([[[0.95, 0, 1, 1], [0, 0, 0.9, 1]]], np.float32)
+    labels = np.array([[1, 2]], np.int32)
+    cls, _ = matching.match_batch(gt, labels, pri, 0.5)
+    ref = SSDMatcher(0.5)(torchvision.ops.box_iou(torch.from_numpy(gt[0]),
+                                                  torch.from_numpy(corners)))
+    np.testing.assert_array_equal(ref.numpy(), [0, 1])
+    np.testing.assert_array_equal(np.asarray(cls)[0], [1, 2])

@@ -37,6 +37,8 @@ def iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     wh = jnp.maximum(rb - lt, 0.0)
     inter = wh[..., 0] * wh[..., 1]
     union = area(a)[..., :, None] + area(b)[..., None, :] - inter
-    # union >= inter >= 0, and union == 0 only where both areas (and so inter) are 0: there
-    # the guarded divide gives 0/1 = 0
-    return inter / jnp.where(union > 0, union, 1.0)
+    # 0 where union <= 0 (empty boxes; or, flushed to zero, denormal ones whose inter outlives
+    # their areas), by masking the divide's operands: one elementwise expression that XLA keeps
+    # in one fusion (a select on the quotient was split from it and recomputed by each consumer)
+    positive = union > 0
+    return jnp.where(positive, inter, 0.0) / jnp.where(positive, union, 1.0)

@@ -38,8 +38,8 @@ def _first_argmax_last_axis(x: jnp.ndarray, chunks: int = 16) -> jnp.ndarray:
     the largest value and its piece; then the smallest index piece * q + position among the
     positions that hold the overall maximum. XLA:CPU's variadic argmax reduce over a long minor
     axis is slow, and the one-stage form (the max, then the first position equal to it)
-    materialized the max's broadcast over [..., N]: for 32 images x 16 boxes x 8732 priors
-    that form took ~26 ms on a 2-core Xeon, this one ~6 ms."""
+    materialized the max's broadcast over [..., N] (~26 of match_batch's ~35 ms for 32 images x
+    16 boxes x 8732 priors on a 2-core Xeon; ~7.5 ms in all now)."""
     n = x.shape[-1]
     chunks = max(1, min(chunks, n))
     q = n // chunks

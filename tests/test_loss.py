@@ -24,8 +24,9 @@ def _head_outputs(rng, batch):
     return logits, preds
 
 
-def torchvision_loss(logits, preds, gt_boxes, gt_labels, counts):
-    """torchvision's SSD.compute_loss, called on a minimal object with the attributes it uses."""
+def torchvision_loss(logits, preds, gt_boxes, gt_labels, counts, grads=False):
+    """torchvision's SSD.compute_loss, called on a minimal object with the attributes it uses;
+    with grads=True also torch's autograd gradients of their sum w.r.t. logits and preds."""
     ssd = types.SimpleNamespace(box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0)), neg_to_pos_ratio=3)
     targets, matched = [], []
     anchors = torch.from_numpy(PRIOR_CORNERS)
@@ -38,9 +39,14 @@ def torchvision_loss(logits, preds, gt_boxes, gt_labels, counts):
             from torchvision.models.detection._utils import SSDMatcher
             from torchvision.ops import box_iou
             matched.append(SSDMatcher(0.5)(box_iou(targets[-1]["boxes"], anchors)))
-    head = {"cls_logits": torch.from_numpy(logits), "bbox_regression": torch.from_numpy(preds)}
+    head = {"cls_logits": torch.from_numpy(logits).requires_grad_(grads),
+            "bbox_regression": torch.from_numpy(preds).requires_grad_(grads)}
     out = SSD.compute_loss(ssd, targets, head, [anchors] * len(counts), matched)
-    return out["classification"].item(), out["bbox_regression"].item()
+    values = out["classification"].item(), out["bbox_regression"].item()
+    if not grads:
+        return values
+    (out["classification"] + out["bbox_regression"]).backward()
+    return values, (head["cls_logits"].grad.numpy(), head["bbox_regression"].grad.numpy())
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1], [22, 9, 0, 30]], ids=["mixed", "crowded"])
@@ -52,8 +58,15 @@ def test_multibox_loss_equals_torchvision_compute_loss(counts):
     tv = [torchvision_targets(gt_boxes[i, :n], gt_labels[i, :n]) for i, n in enumerate(counts)]
     cls_t = np.stack([t[0] for t in tv]).astype(np.int32)
     box_t = np.stack([t[1] for t in tv])
-    total, aux = jax.jit(loss.multibox_loss)(logits, preds, cls_t, box_t)
-    ref_conf, ref_loc = torchvision_loss(logits, preds, gt_boxes, gt_labels, counts)
+    (total, aux), grads = jax.jit(jax.value_and_grad(loss.multibox_loss, argnums=(0, 1),
+                                                     has_aux=True))(logits, preds, cls_t, box_t)
+    (ref_conf, ref_loc), ref_grads = torchvision_loss(logits, preds, gt_boxes, gt_labels, counts,
+                                                      grads=True)
+    # the gradients too (softmax_cross_entropy's is written by hand): same hard negatives, so
+    # the same entries; float32 rounding of softmax and of the 1/N scale
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-9)
+        assert np.count_nonzero(ref) > 0
     np.testing.assert_allclose(float(aux["conf_loss"]), ref_conf, rtol=1e-5)
     np.testing.assert_allclose(float(aux["loc_loss"]), ref_loc, rtol=1e-5)
     np.testing.assert_allclose(float(total), ref_conf + ref_loc, rtol=1e-5)
@@ -130,3 +143,31 @@ def test_hard_negatives_take_exactly_k_with_ties_like_a_stable_sort():
         expected = np.zeros(300, bool)
         expected[order[:k]] = True
         np.testing.assert_array_equal(mask[i], expected, err_msg=f"image {i}")
+
+
+def test_softmax_cross_entropy_value_and_gradient_equal_autodiff_of_logsumexp():
+    """The hand-written gradient against jax's autodiff of the textbook formula, with per-element
+    cotangents, logits of 1e4 (the max shift: without it exp overflows) and -inf logits."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0.0, 3.0, (2, 50, 7)).astype(np.float32)
+    logits[0, 0] += 1e4
+    logits[1, 1, 2] = -np.inf
+    labels = rng.integers(0, 7, (2, 50)).astype(np.int32)
+    labels[1, 1] = 3
+    weights = rng.uniform(0.0, 2.0, (2, 50)).astype(np.float32)
+
+    def textbook(x):
+        picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+        return jnp.sum(weights * (jax.nn.logsumexp(x, axis=-1) - picked))
+
+    def ours(x):
+        return jnp.sum(weights * loss.softmax_cross_entropy(x, labels))
+
+    value, grad = jax.jit(jax.value_and_grad(ours))(logits)
+    ref_value, ref_grad = jax.value_and_grad(textbook)(logits)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(ref_grad), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(loss.softmax_cross_entropy(logits, labels)),
+                               np.asarray(jax.nn.logsumexp(logits, axis=-1) - np.take_along_axis(
+                                   logits, labels[..., None], axis=-1)[..., 0]), rtol=1e-6)

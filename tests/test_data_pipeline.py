@@ -304,3 +304,18 @@ def test_in_memory_images_take_the_file_path_s_examples_and_seeds(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("cores, autotuned", [(2, False), (16, False), (64, True)])
+def test_autotuning_is_off_up_to_16_cores(cfg, monkeypatch, cores, autotuned):
+    """tf.data's autotuning model thread made an iterator's destructor wait up to 60 s (the end
+    of a training run): off where AUTOTUNE's fallback parallelism, min(16, cores), is all cores."""
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(cores)),
+                        raising=False)
+    data = pipeline.InputPipeline(cfg)
+    ds = data.train_dataset(image_size=S, batch_size=B, max_boxes=M, seed=1, start_step=0,
+                            process_index=0, process_count=1)
+    enabled = ds.options().autotune.enabled
+    assert (enabled is None or enabled) == autotuned
+    eval_it = data.eval_iterator(image_size=S, batch_size=B, max_boxes=M)
+    assert (eval_it.dataset.options().autotune.enabled in (None, True)) == autotuned

@@ -18,40 +18,17 @@ def _smooth_l1(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
 
 
-@jax.custom_vjp
 def softmax_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     """-log softmax(logits)[label]: logits float32 [..., C], labels int [...] -> float32 [...].
 
-    logsumexp(logits) minus the label's logit, with its gradient written out:
-    d/dlogits = g * softmax(logits) - g * onehot(label), for the cotangent g [...]. The values
-    are those of `jax.nn.logsumexp(logits, -1) - logits[label]` and of its autodiff gradient, bit
-    for bit on XLA:CPU; what changes is the work XLA:CPU gets: the label's logit is a gather (not
-    a one-hot select summed over C, a [..., C] array XLA wrote out before a library reduction
-    read it) and the backward pass is one elementwise pass over [..., C] that reads the
-    forward's exp(logits - max) (tests/test_loss.py: against autodiff and against torch's
-    autograd of torchvision's loss). Reverse mode only (a custom VJP).
+    Written as logsumexp(logits) minus the label's logit picked by a one-hot select, not as a
+    gather from log_softmax: the gather's gradient is a scatter, and the [B, P, C] log-softmax is
+    one more array the size of the logits. Same values; on a 2-core CPU (batch 32, SSD300 priors,
+    21 classes) value and gradient take about half the time.
     """
-    return _softmax_cross_entropy_fwd(logits, labels)[0]
-
-
-def _softmax_cross_entropy_fwd(logits, labels):
-    # as jax.nn.logsumexp: the max shifts the exponent, 0 where the row has no finite logit
-    m = jnp.max(logits, axis=-1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    s = jnp.sum(jnp.exp(logits - m[..., None]), axis=-1)
-    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.log(s) + m - picked, (logits, labels, m, s)
-
-
-def _softmax_cross_entropy_bwd(res, g):
-    logits, labels, m, s = res
-    onehot = jnp.arange(logits.shape[-1]) == labels[..., None]
-    # the operations (and their order) of autodiff through logsumexp minus the one-hot select
-    d = (g / s)[..., None] * jnp.exp(logits - m[..., None]) + jnp.where(onehot, -g[..., None], 0.0)
-    return d.astype(logits.dtype), None
-
-
-softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
+    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == labels[..., None], logits, 0.0),
+                     axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
 def hard_negative_mask(

@@ -62,8 +62,8 @@ def test_multibox_loss_equals_torchvision_compute_loss(counts):
                                                      has_aux=True))(logits, preds, cls_t, box_t)
     (ref_conf, ref_loc), ref_grads = torchvision_loss(logits, preds, gt_boxes, gt_labels, counts,
                                                       grads=True)
-    # the gradients too (softmax_cross_entropy's is written by hand): same hard negatives, so
-    # the same entries; float32 rounding of softmax and of the 1/N scale
+    # the gradients too (a rewrite of the loss's gradient must keep them): same hard negatives,
+    # so the same entries; float32 rounding of softmax and of the 1/N scale
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-9)
         assert np.count_nonzero(ref) > 0
@@ -146,8 +146,9 @@ def test_hard_negatives_take_exactly_k_with_ties_like_a_stable_sort():
 
 
 def test_softmax_cross_entropy_value_and_gradient_equal_autodiff_of_logsumexp():
-    """The hand-written gradient against jax's autodiff of the textbook formula, with per-element
-    cotangents, logits of 1e4 (the max shift: without it exp overflows) and -inf logits."""
+    """softmax_cross_entropy (a one-hot select, not a gather) and its gradient against jax's
+    autodiff of the textbook formula, with per-element cotangents, logits of 1e4 (the max shift:
+    without it exp overflows) and -inf logits."""
     rng = np.random.default_rng(3)
     logits = rng.normal(0.0, 3.0, (2, 50, 7)).astype(np.float32)
     logits[0, 0] += 1e4

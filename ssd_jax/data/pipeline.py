@@ -364,7 +364,7 @@ def _no_autograph(fn):
 
 
 #: Hosts with at most this many cores run the pipelines without tf.data's autotuning (below).
-_AUTOTUNE_MIN_CORES = 16
+_NO_AUTOTUNE_MAX_CORES = 16
 
 
 def _options() -> tf.data.Options:
@@ -372,13 +372,13 @@ def _options() -> tf.data.Options:
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
     # tf.data's autotuning runs a model thread that sleeps up to 60 s between optimizations, and
-    # an iterator's destructor waited for it: the default run's process ended 4-45 s after its
+    # an iterator's destructor waited for it: the default run's process ended up to 45 s after its
     # "Done" line (gdb: the main thread in RootDataset::Iterator::~Iterator, the model thread in
     # Model::OptimizeLoop's timed wait). Without autotuning, AUTOTUNE parallelism is min(16,
     # cores) and prefetch buffers still grow on demand: on a host of up to 16 cores that is all
     # of them, what autotuning's CPU budget allowed. Bigger hosts keep autotuning.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if (cores or 1) <= _AUTOTUNE_MIN_CORES:
+    if (cores or 1) <= _NO_AUTOTUNE_MAX_CORES:
         options.autotune.enabled = False
     return options
 

@@ -167,3 +167,20 @@ def test_device_profile_sums_device_ops_per_step_from_one_line():
     assert rows[0].split()[:3] == ["3.000", "ms", "75.0%"] and rows[0].endswith("conv")
     assert rows[1].split()[:3] == ["1.000", "ms", "25.0%"] and rows[1].endswith("scatter")
     assert "python" not in text
+
+
+def test_interleaved_takes_turns_and_reports_each_sides_median():
+    """The sides alternate round by round (a busy spell hits both), each reports its median."""
+    from experiments.benchmarks.common import interleaved
+
+    calls = []
+    ours = iter([5.0, 1.0, 2.0])   # median 2.0, mean 2.67
+    peer = iter([4.0, 4.0, 40.0])  # median 4.0 (a busy spell in its last round)
+
+    def timer(name, values):
+        return lambda: (calls.append(name), next(values))[1]
+
+    assert interleaved([timer("a", ours), None, timer("b", peer)], rounds=3) == [2.0, None, 4.0]
+    assert calls == ["a", "b"] * 3
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved([lambda: 1.0], rounds=0)

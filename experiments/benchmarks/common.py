@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -56,6 +57,21 @@ def time_torch(fn: Callable[[], object], *, warmup: int = 2, min_time: float = 1
         iters += 1
     sync()
     return (time.perf_counter() - start) / iters
+
+
+def interleaved(timers: Sequence[Callable[[], float] | None], rounds: int) -> list[float | None]:
+    """Median seconds per call of each timer (a `time_jax`/`time_torch` block) over `rounds`
+    rounds that take turns: timer 0, 1, ..., 0, 1, ... A busy spell of the machine then lands in
+    one round of each side instead of in all of one side's time, so a ratio of the medians
+    compares the sides under the same conditions. None timers give None."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    times: list[list[float]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            if timer is not None:
+                times[i].append(float(timer()))
+    return [statistics.median(t) if t else None for t in times]
 
 
 #: Dense peak TFLOP/s of the cards the targets are set on (vendor datasheet, SXM): bf16 tensor

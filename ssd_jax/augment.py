@@ -6,11 +6,13 @@ decodes each image onto a fixed canvas (`config.dataset.augment_on_device`):
 
 1. expand (zoom out) with p 0.5: the image lands at a random spot of a canvas r x its size,
    r ~ U[1, max_expand], the rest filled with the mean;
-2. min-IoU crop: one of 7 samplers chosen uniformly (whole image; a patch of scale U[0.3, 1] per
+2. min-IoU crop, Caffe's batch sampling: 6 patch samplers (a patch of scale U[0.3, 1] per
    side, aspect w/h in *image pixels* in [0.5, 2], IoU >= 0.1/0.3/0.5/0.7/0.9 with some
-   ground-truth box; or any such patch), 50 trials drawn at once, the first that passes wins
-   (none: whole image). Boxes whose centre lies inside the patch are kept and clipped to it; the
-   others become padding (label 0, zero box) in place;
+   ground-truth box, or unconstrained), 50 trials each, all drawn at once; each sampler's first
+   patch that passes is a candidate, and one candidate is picked uniformly among the whole image
+   and those (an image without boxes: the whole image). Boxes whose centre lies inside the patch
+   are kept and clipped to it; the others become padding (label 0, zero box) in place. The
+   differences from Caffe's code that remain, and why, are listed in `ssd_jax.data.augment`;
 3. horizontal flip with p 0.5;
 4. one bilinear resample of the image to out_size x out_size for steps 1-3 together (the crop
    window mapped back to image coordinates; the mean outside the image), half-pixel centres and
@@ -43,6 +45,7 @@ from ssd_jax.models import CAFFE_MEAN
 
 MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
 NUM_SAMPLERS = 2 + len(MIN_IOUS)  # whole image, 5 min-IoU samplers, unconstrained patch
+SAMPLER_MIN_IOUS = (*MIN_IOUS, -1.0)  # the 6 patch samplers' minimum IoU (-1: unconstrained)
 NUM_TRIALS = 50
 _WHOLE = (0.0, 0.0, 1.0, 1.0)
 
@@ -74,33 +77,50 @@ def sample_min_iou_crop(key: jax.Array, boxes: jax.Array, valid: jax.Array,
                         pixel_aspect: jax.Array, *, min_scale: float = 0.3,
                         min_aspect: float = 0.5, max_aspect: float = 2.0,
                         num_trials: int = NUM_TRIALS) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The paper's min-IoU patch sampler, all trials at once.
+    """The paper's min-IoU crop as Caffe's `GenerateBatchSamples` runs it, all trials at once.
+
+    Each of the 6 patch samplers (min IoU 0.1 / 0.3 / 0.5 / 0.7 / 0.9, unconstrained) draws
+    `num_trials` patches; its candidate is its first patch that passes. The candidates are the
+    whole image and every sampler's patch; one is picked uniformly (module docstring).
 
     Args:
       key: one PRNG key.
       boxes: float [M, 4] corner boxes normalized to the image being cropped; valid bool [M].
       pixel_aspect: width / height of that image in pixels (the aspect limit is in pixels).
     Returns:
-      (window [4] corner box inside [0, 1], sampler int32 in 0..6, found bool). A window other
-      than the whole image contains the centre of at least one valid box and has IoU >= the
-      sampler's minimum with at least one valid box (sampler 0 and a failed search: whole image).
+      (window [4] corner box inside [0, 1], sampler int32 in 0..6: the candidate picked (0 the
+      whole image, 1..5 the min-IoU samplers, 6 the unconstrained one), found bool [7]: the
+      candidates there were (found[0], the whole image, always)). A window other than the whole
+      image contains the centre of at least one valid box and has IoU >= its sampler's minimum
+      with at least one valid box; an image without valid boxes is never cropped.
     """
-    ks = jax.random.split(key, 5)
-    sampler = jax.random.randint(ks[0], (), 0, NUM_SAMPLERS)
-    min_iou = jnp.asarray((-1.0, *MIN_IOUS, -1.0), jnp.float32)[sampler]
-    w = jax.random.uniform(ks[1], (num_trials,), minval=min_scale, maxval=1.0)
-    h = jax.random.uniform(ks[2], (num_trials,), minval=min_scale, maxval=1.0)
+    k_w, k_h, k_x, k_y, k_pick = jax.random.split(key, 5)
+    shape = (NUM_SAMPLERS - 1, num_trials)  # [S, T]: every patch sampler's trials
+    w = jax.random.uniform(k_w, shape, minval=min_scale, maxval=1.0)
+    h = jax.random.uniform(k_h, shape, minval=min_scale, maxval=1.0)
     aspect = w * pixel_aspect / h
-    x0 = jax.random.uniform(ks[3], (num_trials,)) * (1.0 - w)
-    y0 = jax.random.uniform(ks[4], (num_trials,)) * (1.0 - h)
-    windows = jnp.stack([x0, y0, x0 + w, y0 + h], axis=-1)  # [T, 4]
-    iou = jnp.where(valid[None, :], box_ops.iou(windows, boxes), -1.0)
-    centre_in = centres_inside(boxes, windows) & valid[None, :]
-    ok = (aspect >= min_aspect) & (aspect <= max_aspect)
-    ok &= ~jnp.any(valid) | ((jnp.max(iou, axis=1) >= min_iou) & jnp.any(centre_in, axis=1))
-    found = jnp.any(ok) & (sampler != 0)
-    window = jnp.where(found, windows[jnp.argmax(ok)], jnp.asarray(_WHOLE, jnp.float32))
-    return window, sampler.astype(jnp.int32), found
+    x0 = jax.random.uniform(k_x, shape) * (1.0 - w)
+    y0 = jax.random.uniform(k_y, shape) * (1.0 - h)
+    windows = jnp.stack([x0, y0, x0 + w, y0 + h], axis=-1)  # [S, T, 4]
+    flat = windows.reshape(-1, 4)
+    iou = jnp.where(valid[None, :], box_ops.iou(flat, boxes), -1.0)
+    max_iou = jnp.max(iou, axis=1, initial=-1.0).reshape(shape)
+    centre_in = jnp.any(centres_inside(boxes, flat) & valid[None, :], axis=1).reshape(shape)
+    min_iou = jnp.asarray(SAMPLER_MIN_IOUS, jnp.float32)[:, None]
+    ok = (aspect >= min_aspect) & (aspect <= max_aspect) & (max_iou >= min_iou) & centre_in
+    patches = windows[jnp.arange(shape[0]), jnp.argmax(ok, axis=1)]  # [S, 4] first that passed
+    candidates = jnp.concatenate([jnp.asarray(_WHOLE, jnp.float32)[None], patches])
+    found = jnp.concatenate([jnp.ones((1,), bool), jnp.any(ok, axis=1)])
+    sampler = pick_uniform(k_pick, found)
+    return candidates[sampler], sampler, found
+
+
+def pick_uniform(key: jax.Array, available: jax.Array) -> jax.Array:
+    """Index int32 of one True entry of bool [N] (at least one True), each equally likely:
+    the k-th True for k = floor(u * count), u ~ U[0, 1) (Caffe: `caffe_rng_rand() % count`)."""
+    count = jnp.sum(available)
+    k = jnp.minimum(jnp.floor(jax.random.uniform(key) * count), count - 1)
+    return jnp.argmax(jnp.cumsum(available) > k).astype(jnp.int32)
 
 
 def crop_boxes(boxes: jax.Array, labels: jax.Array, window: jax.Array
@@ -226,7 +246,8 @@ def sample_geometry(key: jax.Array, image_size: jax.Array, boxes: jax.Array, lab
 
     Args: key; image_size [2] the image's (h, w) in pixels; boxes [M, 4], labels [M] (0 = padding).
     Returns {"expand": [ox, oy, r] (`sample_expand`), "window": [4] the crop of the zoomed-out
-    canvas, "sampler": int32, "found": bool (`sample_min_iou_crop`; 0 and False without crop),
+    canvas, "sampler": int32 the candidate picked, "found": bool [7] the candidates there were
+    (`sample_min_iou_crop`; without crop 0 and only the whole image),
     "flip": bool, "boxes": [M, 4] and "labels": [M], the output's (dropped boxes: label 0)}.
     """
     boxes = boxes.astype(jnp.float32)
@@ -243,7 +264,8 @@ def sample_geometry(key: jax.Array, image_size: jax.Array, boxes: jax.Array, lab
         window, sampler, found = sample_min_iou_crop(k_crop, canvas_boxes, labels > 0,
                                                      size[1] / size[0])
     else:
-        window, sampler, found = jnp.asarray(_WHOLE, jnp.float32), jnp.int32(0), jnp.bool_(False)
+        window, sampler = jnp.asarray(_WHOLE, jnp.float32), jnp.int32(0)
+        found = jnp.arange(NUM_SAMPLERS) == 0
     out_boxes, out_labels = crop_boxes(canvas_boxes, labels, window)
     do_flip = (jax.random.uniform(k_flip) < 0.5) if flip else jnp.bool_(False)
     out_boxes = jnp.where(do_flip & (out_labels > 0)[:, None], flip_boxes(out_boxes), out_boxes)

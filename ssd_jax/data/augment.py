@@ -9,11 +9,15 @@ reference:
 
 1. expand (zoom out) with p 0.5: the image is placed at a random spot of a canvas r x its size,
    r ~ U[1, 4], the rest filled with the mean [123, 117, 104];
-2. min-IoU crop: one of 7 samplers chosen uniformly (whole image; a patch of scale U[0.3, 1] per
-   side, aspect (w/h in pixels) in [0.5, 2], whose IoU with *some* ground-truth box (Caffe's rule,
-   also torchvision's) is >= 0.1/0.3/0.5/0.7/0.9; or any such patch), 50 trials drawn at once and
-   tested vectorized, the first that passes wins (none: whole image). Boxes whose centre lies in
-   the patch are kept, clipped to it; the others are dropped;
+2. min-IoU crop, Caffe's batch sampling (`GenerateBatchSamples` in sampler.cpp, the pick in
+   annotated_data_layer.cpp, the samplers of ssd_pascal.py): 6 patch samplers, each a patch of
+   scale U[0.3, 1] per side and aspect (w/h in pixels) in [0.5, 2], whose IoU with *some*
+   ground-truth box is >= 0.1 / 0.3 / 0.5 / 0.7 / 0.9, or unconstrained, each trying 50 patches
+   (all drawn at once and tested vectorized; a sampler's first patch that passes is its
+   candidate). ONE candidate is then picked uniformly among the whole image and the samplers'
+   candidates, so a sampler that finds nothing (0.7 and 0.9 around small objects, the usual case
+   after a zoom-out) leaves the choice to the others instead of leaving the image uncropped.
+   Boxes whose centre lies in the patch are kept, clipped to it; the others are dropped;
 3. horizontal flip with p 0.5;
 4. bilinear resize to S x S.
 
@@ -28,6 +32,25 @@ boxes transform exactly with the pixels and the expanded canvas is never materia
    image pixels of the output), and the expand fill stays exactly the mean, as in the reference.
 
 Evaluation (`eval_resize`) is a bilinear resize only.
+
+Where step 2 still differs from Caffe's code, and why:
+  * Patch shape: Caffe draws a scale s ~ U[0.3, 1] and an aspect a ~ U[max(0.5, s^2),
+    min(2, 1/s^2)] of the *normalized* patch (w = s sqrt(a), h = s / sqrt(a)); here w and h are
+    U[0.3, 1] each and a patch whose aspect *in pixels* leaves [0.5, 2] fails its trial, as
+    torchvision's `RandomIoUCrop` (its SSD recipe) and ssd.pytorch's `RandomSampleCrop` do: on a
+    500x375 VOC image Caffe's limit allows a pixel aspect of 2.67, and this one is the rule of
+    the peer the tests run (tests/test_augment.py draws both against this module's sampler).
+  * Every patch must contain the centre of at least one ground-truth box (torchvision and
+    ssd.pytorch too). Caffe's min-IoU samplers test IoU only and its unconstrained one only asks
+    that the image has a box, so a Caffe patch can keep no box at all, an image of background;
+    here every cropped image keeps an object to match.
+  * An image without boxes is never cropped: Caffe's constrained samplers find nothing in it
+    (its "unconstrained" one is `max_jaccard_overlap: 1.0`, a constraint on some box) and
+    torchvision redraws until it picks the whole image; the same here, by construction.
+  * torchvision tests the IoU only against the boxes whose centre is in the patch; Caffe and
+    this module against all boxes.
+  * Caffe distorts the colours of the original image before expanding it; here the photometric
+    step runs on the output (step 5; the same per-pixel ops, the fill kept at the mean).
 """
 
 from __future__ import annotations
@@ -38,6 +61,7 @@ from ssd_jax.models import CAFFE_MEAN
 MEAN_RGB = CAFFE_MEAN  # the fill of zoom-out canvases: the mean the VGG/compact models subtract
 MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
 NUM_SAMPLERS = 2 + len(MIN_IOUS)  # whole image, 5 min-IoU samplers, unconstrained patch
+SAMPLER_MIN_IOUS = (*MIN_IOUS, -1.0)  # the 6 patch samplers' minimum IoU (-1: unconstrained)
 NUM_TRIALS = 50
 
 
@@ -78,42 +102,60 @@ def sample_min_iou_crop(
     min_scale: float = 0.3, min_aspect: float = 0.5, max_aspect: float = 2.0,
     num_trials: int = NUM_TRIALS, return_sampler: bool = False,
 ) -> tuple[tf.Tensor, ...]:
-    """The paper's min-IoU patch sampler, all trials at once.
+    """The paper's min-IoU crop as Caffe's `GenerateBatchSamples` runs it, all trials at once.
+
+    Each of the 6 patch samplers (min IoU 0.1 / 0.3 / 0.5 / 0.7 / 0.9, unconstrained) draws
+    `num_trials` patches; its candidate is its first patch that passes. The candidates are the
+    whole image and every sampler's patch; one is picked uniformly (module docstring).
 
     Args:
       boxes: [N,4] corner boxes, normalized to the image being cropped.
       seed: int64 [2].
       pixel_aspect: width / height of that image in pixels (the aspect limit is in pixels).
     Returns:
-      crop [4] corner box (normalized, inside [0,1]) and the sampler's min IoU (scalar; -1 for
-      the whole image and for the unconstrained sampler). A crop other than the whole image
-      contains the centre of at least one box and has IoU >= min IoU with at least one box.
-      With return_sampler, also the sampler drawn (int32 0..6) and whether it found a crop.
+      crop [4] corner box (normalized, inside [0,1]) and the picked sampler's min IoU (scalar;
+      -1 for the whole image and for the unconstrained sampler). A crop other than the whole
+      image contains the centre of at least one box and has IoU >= min IoU with at least one
+      box; an image without boxes is never cropped. With return_sampler, also the candidate
+      picked (int32 0..6: 0 the whole image, 1..5 the min-IoU samplers, 6 the unconstrained one)
+      and the candidates there were (bool [7], the whole image always).
     """
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     s = _seeds(seed, 5)
-    sampler = tf.random.stateless_uniform([], s[0], 0, NUM_SAMPLERS, dtype=tf.int32)
-    thresholds = tf.constant((-1.0, *MIN_IOUS, -1.0), tf.float32)
-    min_iou = thresholds[sampler]
-    w = _uniform(s[1], (num_trials,), min_scale, 1.0)
-    h = _uniform(s[2], (num_trials,), min_scale, 1.0)
+    num = NUM_SAMPLERS - 1
+    w = _uniform(s[0], (num, num_trials), min_scale, 1.0)
+    h = _uniform(s[1], (num, num_trials), min_scale, 1.0)
     aspect = w * tf.cast(pixel_aspect, tf.float32) / h
-    x0 = _uniform(s[3], (num_trials,)) * (1.0 - w)
-    y0 = _uniform(s[4], (num_trials,)) * (1.0 - h)
-    crops = tf.stack([x0, y0, x0 + w, y0 + h], axis=-1)  # [T,4]
-    has_boxes = tf.shape(boxes)[0] > 0
-    iou = box_iou(crops, boxes)  # [T,N]
-    max_iou = tf.reduce_max(tf.concat([iou, tf.fill([num_trials, 1], -1.0)], 1), axis=1)
-    centre_in = _centres_inside(boxes, crops)  # [T,N]
+    x0 = _uniform(s[2], (num, num_trials)) * (1.0 - w)
+    y0 = _uniform(s[3], (num, num_trials)) * (1.0 - h)
+    crops = tf.stack([x0, y0, x0 + w, y0 + h], axis=-1)  # [S,T,4]
+    flat = tf.reshape(crops, [-1, 4])
+    iou = box_iou(flat, boxes)  # [S*T,N]
+    max_iou = tf.reduce_max(tf.concat([iou, tf.fill([num * num_trials, 1], -1.0)], 1), axis=1)
+    centre_in = tf.reduce_any(_centres_inside(boxes, flat), axis=1)
+    min_iou = tf.constant(SAMPLER_MIN_IOUS, tf.float32)[:, None]
     ok = (aspect >= min_aspect) & (aspect <= max_aspect)
-    ok &= tf.logical_or(~has_boxes, (max_iou >= min_iou) & tf.reduce_any(centre_in, axis=1))
-    found = tf.reduce_any(ok) & (sampler != 0)
-    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
-    whole = tf.constant([0.0, 0.0, 1.0, 1.0])
-    crop = tf.where(found, crops[first], whole)
+    ok &= (tf.reshape(max_iou, [num, num_trials]) >= min_iou)
+    ok &= tf.reshape(centre_in, [num, num_trials])
+    first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+    patches = tf.gather(crops, first, axis=1, batch_dims=1)  # [S,4]
+    candidates = tf.concat([tf.constant([[0.0, 0.0, 1.0, 1.0]]), patches], 0)
+    found = tf.concat([[True], tf.reduce_any(ok, axis=1)], 0)
+    sampler = _pick_uniform(s[4], found)
+    crop = candidates[sampler]
+    min_iou = tf.constant((-1.0, *SAMPLER_MIN_IOUS), tf.float32)[sampler]
     if return_sampler:
-        return crop, tf.where(found, min_iou, -1.0), sampler, found
-    return crop, tf.where(found, min_iou, -1.0)
+        return crop, min_iou, sampler, found
+    return crop, min_iou
+
+
+def _pick_uniform(seed: tf.Tensor, available: tf.Tensor) -> tf.Tensor:
+    """Index int32 of one True entry of bool [N] (at least one True), each equally likely:
+    the k-th True for k = floor(u * count), u ~ U[0, 1) (Caffe: `caffe_rng_rand() % count`)."""
+    count = tf.reduce_sum(tf.cast(available, tf.float32))
+    k = tf.minimum(tf.floor(_uniform(seed) * count), count - 1.0)
+    return tf.argmax(tf.cast(tf.cumsum(tf.cast(available, tf.float32)) > k, tf.int32),
+                     output_type=tf.int32)
 
 
 def _centres_inside(boxes: tf.Tensor, crops: tf.Tensor) -> tf.Tensor:
@@ -241,7 +283,8 @@ def sample_geometry(boxes: tf.Tensor, seed: tf.Tensor, pixel_aspect: tf.Tensor, 
 
     boxes float32 [N,4]; seed int64 [2]; pixel_aspect: the image's width / height in pixels.
     Returns {"expand": [ox, oy, r], "window": [4] the crop of the zoomed-out canvas, "sampler":
-    int32, "found": bool, "flip": bool, "boxes": [K,4] kept and transformed, "keep": bool [N]}.
+    int32 the candidate picked, "found": bool [7] the candidates there were (both as
+    `sample_min_iou_crop`'s), "flip": bool, "boxes": [K,4] kept and transformed, "keep": bool [N]}.
     """
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     s = _seeds(seed, 4)
@@ -255,7 +298,8 @@ def sample_geometry(boxes: tf.Tensor, seed: tf.Tensor, pixel_aspect: tf.Tensor, 
         window, _, sampler, found = sample_min_iou_crop(canvas_boxes, s[1], pixel_aspect,
                                                         return_sampler=True)
     else:
-        window, sampler, found = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(0), tf.constant(False)
+        window, sampler = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(0)
+        found = tf.range(NUM_SAMPLERS) == 0
     out_boxes, keep = crop_boxes(canvas_boxes, window)
     # 3. flip.
     do_flip = (_uniform(s[2]) < 0.5) if flip else tf.constant(False)

@@ -284,8 +284,9 @@ def _geometry_host(n: int, boxes: np.ndarray, labels: np.ndarray, hw: np.ndarray
 
 def test_statistics_match_the_host_augmentation():
     """Independent draws of both implementations on the same 64 box sets (N each): expand and
-    flip frequencies, how often each sampler finds a patch and is picked, kept boxes per image, mean kept-box area, and
-    the mean zoom-out ratio, crop area and crop aspect (what a wrong range would move).
+    flip frequencies, how often each sampler finds a patch and is picked, kept boxes per image,
+    mean kept-box area, and the mean zoom-out ratio, crop area and crop aspect (what a wrong
+    range would move).
     The bound is 2% relative where N makes 2% at least 4 standard errors of the difference of two
     independent estimates, else those 4 standard errors (4 sigma: a correct implementation fails
     about once in 15,000 runs; a wrong range or probability is caught by the same margins)."""

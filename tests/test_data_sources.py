@@ -209,6 +209,42 @@ def test_synthetic_source_and_cache(tmp_path):
     np.testing.assert_array_equal(again.boxes, table.boxes)
 
 
+def test_synthetic_max_object_size_has_a_cache_of_its_own(tmp_path):
+    """The default's cache file keeps its name; small objects get another file and other boxes
+    (a default-size cache is never read for them, nor theirs for the default)."""
+    from ssd_jax.data import synthetic
+
+    base = dict(kind="synthetic", seed=3, num_train=4, num_eval=2, image_size=64,
+                generate_processes=0, cache_dir=str(tmp_path))
+    default = sources.load_source(dataset_config(**base), "train")
+    assert [p.name for p in tmp_path.glob("*.npz")] == ["synthetic_3_train_4_64.npz"]
+    small = sources.load_source(dataset_config(**base, max_object_size=0.2), "train")
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
+        "synthetic_3_train_4_64.npz", "synthetic_3_train_4_64_max0.2.npz"]
+    assert (small.boxes[:, 2:] - small.boxes[:, :2]).max() <= 0.2 + 1e-6
+    assert not np.array_equal(small.images, default.images)
+    expected = synthetic.generate_split(3, "train", 4, image_size=64, max_object_size=0.2)
+    np.testing.assert_array_equal(small.images, expected["image"])
+    again = sources.load_source(dataset_config(**base, max_object_size=0.2), "train")
+    np.testing.assert_array_equal(again.images, small.images)  # from its own cache
+    np.testing.assert_array_equal(again.boxes, small.boxes)
+
+
+@pytest.mark.parametrize("value, words", [
+    (0.05, "config.dataset.max_object_size must be in (0.05, 1]"),
+    (1.5, "config.dataset.max_object_size must be in (0.05, 1]"),
+    (None, "config.dataset.max_object_size must be a number"),
+])
+def test_bad_synthetic_max_object_size_is_a_clear_error(value, words):
+    cfg = dataset_config(kind="synthetic")
+    cfg.max_object_size = value
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("]", r"\]")):
+        sources.validate_dataset_config(cfg)
+    cfg = dataset_config(kind="synthetic", image_size=32, max_object_size=0.06)
+    with pytest.raises(ConfigError, match="config.dataset.max_object_size=0.06 is too small"):
+        sources.validate_dataset_config(cfg)
+
+
 @pytest.mark.parametrize("cfg, words", [
     (dict(kind="nope"), "config.dataset.kind='nope' is unknown"),
     (dict(kind="coco_json", train_annotations="/no/such.json", train_images="/tmp",

@@ -245,3 +245,64 @@ def test_render_preview(tmp_path) -> None:
     synthetic.render_preview(str(path), seed=0, n=4, image_size=64)
     with Image.open(path) as im:
         assert im.size == (2 * 64 + 3 * 4, 2 * 64 + 3 * 4)
+
+
+# ----------------------------------------------------------------------------- max_object_size
+
+
+def test_max_object_size_bounds_every_shape() -> None:
+    """With max_object_size=0.2 no full shape has a side over 0.2 of the image (so neither has a
+    visible mask or box), and the sizes still spread from small to near the bound."""
+    size, limit = 128, 0.2
+    rng = np.random.default_rng(0)
+    for label in range(1, synthetic.NUM_CLASSES):  # full (unoccluded) shapes, every class
+        masks = [synthetic._shape_mask(rng, label, size, limit) for _ in range(60)]
+        sides = [max(m.shape) for m in masks if m is not None]
+        assert len(sides) > 40 and max(sides) <= limit * size, (label, max(sides))
+    longest = []
+    for i in range(12):
+        ex, owner = synthetic.generate_example_with_masks(0, "train", i, size, max_object_size=limit)
+        wh = ex["boxes"][:, 2:] - ex["boxes"][:, :2]
+        assert wh.max() <= limit + 1e-6
+        for k in range(len(ex["labels"])):
+            rows, cols = np.nonzero(owner == k)
+            assert max(np.ptp(rows), np.ptp(cols)) + 1 <= limit * size
+        longest += wh.max(1).tolist()
+    assert min(longest) < 0.1 and max(longest) > 0.15, longest
+
+
+def test_default_max_object_size_is_unchanged() -> None:
+    """The default is 0.70 (the constant of earlier versions: same draws, same images); another
+    value gives other images, in worker processes the same as in this process."""
+    assert synthetic.DEFAULT_MAX_OBJECT_SIZE == 0.70
+    for seed, split, index in [(0, "val", 0), (3, "train", 7), (1, "test", 2)]:
+        a = synthetic.generate_example(seed, split, index, 96)
+        b = synthetic.generate_example(seed, split, index, 96, max_object_size=0.70)
+        small = synthetic.generate_example(seed, split, index, 96, max_object_size=0.2)
+        for key in ("image", "boxes", "labels"):
+            np.testing.assert_array_equal(a[key], b[key])
+        assert not np.array_equal(a["image"], small["image"])
+    here = synthetic.generate_split(4, "train", 3, image_size=64, max_object_size=0.2)
+    there = synthetic.generate_split(4, "train", 3, image_size=64, processes=2,
+                                     max_object_size=0.2)
+    for k in here:
+        np.testing.assert_array_equal(there[k], here[k], err_msg=k)
+    assert (here["boxes"][..., 2:] - here["boxes"][..., :2]).max() <= 0.2 + 1e-6
+
+
+@pytest.mark.parametrize("value", [0.05, 0.01, 0.0, -0.3, 1.01, float("nan")])
+def test_bad_max_object_size(value: float) -> None:
+    with pytest.raises(ValueError, match=r"max_object_size must be in \(0.05, 1\]"):
+        synthetic.generate_example(0, "train", 0, 64, max_object_size=value)
+    with pytest.raises(ValueError, match="max_object_size"):
+        synthetic.SplitJob(0, "train", 2, image_size=64, max_object_size=value)
+
+
+def test_max_object_size_too_small_for_the_image() -> None:
+    # 0.06 * 32 px rounds down to 1 px, under the 2 px shortest side a shape must have
+    with pytest.raises(ValueError, match="max_object_size=0.06 is too small for image_size=32"):
+        synthetic.generate_example(0, "train", 0, 32, max_object_size=0.06)
+    # a whole-pixel size exists, but no polygon rasterizes to it: an error, not an endless loop
+    with pytest.raises(RuntimeError, match="max_object_size=0.051 at image_size=192"):
+        synthetic.generate_split(0, "train", 2, image_size=192, max_object_size=0.051)
+    synthetic.generate_example(0, "train", 0, 64, max_object_size=1.0)  # the upper bound is valid

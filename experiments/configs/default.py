@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
                                        # training and never used to choose anything; 0 = none
     config.dataset.test_seed = 1       # (synthetic) the test images' own seed
     config.dataset.image_size = 192    # (synthetic) side of the generated images
+    config.dataset.max_object_size = 0.70  # (synthetic) largest shape side, fraction of the image
+                                           # side (log-uniform from 0.05)
     config.dataset.cache_dir = ""      # (synthetic) folder for an .npz cache of the images; "" = none
     config.dataset.generate_processes = 2  # (synthetic) worker processes generating the images
                                            # while training compiles (0: in this process; the

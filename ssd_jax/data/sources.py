@@ -52,7 +52,7 @@ _BOX_DROPS = {
 #: fields of config.dataset each kind reads (every kind also reads KIND_COMMON)
 KIND_FIELDS = {
     "synthetic": ("seed", "num_train", "num_eval", "num_test", "test_seed", "image_size",
-                  "cache_dir", "generate_processes"),
+                  "max_object_size", "cache_dir", "generate_processes"),
     "tfds": ("name", "data_dir", "train_split", "eval_split", "shuffle_buffer", "use_difficult"),
     "coco_json": ("train_annotations", "train_images", "eval_annotations", "eval_images"),
     "voc_xml": ("root", "train_split", "eval_split", "class_names", "use_difficult"),
@@ -210,6 +210,17 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
         for name in ("num_test", "test_seed", "generate_processes"):
             if int(field(cfg, name)) < 0:
                 raise ConfigError(f"config.dataset.{name} must be >= 0, got {field(cfg, name)}")
+        from ssd_jax.data import synthetic  # numpy and Pillow only
+
+        try:
+            max_size = float(field(cfg, "max_object_size"))
+        except (TypeError, ValueError):
+            raise ConfigError("config.dataset.max_object_size must be a number, got "
+                              f"{field(cfg, 'max_object_size')!r}") from None
+        try:  # (MIN_OBJECT_SIZE, 1], and room for a whole-pixel shape at image_size
+            synthetic.check_max_object_size(max_size, int(field(cfg, "image_size")))
+        except ValueError as e:  # its messages start with "max_object_size"
+            raise ConfigError(f"config.dataset.{e}") from None
     elif kind == "tfds":
         need("name", " (e.g. voc/2007+voc/2012 or coco/2017)")
         data_dir = need("data_dir", " (the folder `tfds build NAME --data_dir=DIR` wrote)")
@@ -254,17 +265,23 @@ def synthetic_classes() -> tuple[tuple[str, ...], tuple[int, ...]]:
 
 
 def _synthetic_args(cfg: Any, split: str,
-                    store_size: int | None = None) -> tuple[int, str, int, int, str]:
-    """(seed, generator split, number of images, side, cache file or "") of a synthetic split."""
+                    store_size: int | None = None) -> tuple[int, str, int, int, float, str]:
+    """(seed, generator split, number of images, side, max_object_size, cache file or "") of a
+    synthetic split. The cache file's name holds every value that changes the arrays (a
+    max_object_size other than the default included)."""
+    from ssd_jax.data import synthetic
+
     seed = int(field(cfg, "test_seed" if split == "test" else "seed"))
     n = int(field(cfg, f"num_{split}"))
     size = int(field(cfg, "image_size"))
+    max_size = float(field(cfg, "max_object_size"))
     syn_split = {"train": "train", "eval": "val", "test": "test"}[split]
     cache_dir = field(cfg, "cache_dir")
     at = f"_at{store_size}" if store_size and store_size != size else ""
-    cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}{at}.npz") \
+    small = f"_max{max_size!r}" if max_size != synthetic.DEFAULT_MAX_OBJECT_SIZE else ""
+    cache = os.path.join(cache_dir, f"synthetic_{seed}_{syn_split}_{n}_{size}{small}{at}.npz") \
         if cache_dir else ""
-    return seed, syn_split, n, size, cache
+    return seed, syn_split, n, size, max_size, cache
 
 
 def start_synthetic(cfg: Any, split: str, store_size: int | None = None) -> Any:
@@ -273,21 +290,22 @@ def start_synthetic(cfg: Any, split: str, store_size: int | None = None) -> Any:
     for `synthetic_table`, or None when the split comes from the cache (nothing to generate)."""
     from ssd_jax.data import synthetic
 
-    seed, syn_split, n, size, cache = _synthetic_args(cfg, split, store_size)
+    seed, syn_split, n, size, max_size, cache = _synthetic_args(cfg, split, store_size)
     if cache and tf.io.gfile.exists(cache):
         return None
     return synthetic.SplitJob(seed, syn_split, n, image_size=size,
                               processes=int(field(cfg, "generate_processes")),
-                              store_size=store_size)
+                              store_size=store_size, max_object_size=max_size)
 
 
 def synthetic_table(cfg: Any, split: str, job: Any = None, store_size: int | None = None) -> Table:
     """`generate_split` of ssd_jax.data.synthetic held in memory; split is 'train', 'eval' (the
-    validation split, seed config.dataset.seed) or 'test' (held out, seed config.dataset.test_seed).
+    validation split, seed config.dataset.seed) or 'test' (held out, seed config.dataset.test_seed),
+    with shapes up to config.dataset.max_object_size of the side.
     `job`: the `start_synthetic(cfg, split, store_size)` job already generating it (else it is
     generated now); `store_size`: the side the images are kept at (default: as generated).
     """
-    seed, syn_split, n, size, cache = _synthetic_args(cfg, split, store_size)
+    seed, syn_split, n, size, _, cache = _synthetic_args(cfg, split, store_size)
     data = None
     if cache and tf.io.gfile.exists(cache):
         with tf.io.gfile.GFile(cache, "rb") as f:

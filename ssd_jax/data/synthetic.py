@@ -2,10 +2,11 @@
 
 Each image is a textured, cluttered background (gradients, stripes, blotches, pixel noise, random
 lines, scribbles and small irregular blobs that are *not* labelled) with 1-8 labelled shapes of
-six classes (``CLASS_NAMES``) in random colours, sizes, rotations and positions. Shapes may overlap
-each other and be truncated by the image border, but every labelled shape stays substantially
-visible: at least half of its area, at least 60% of it inside the image, and a visible box side of
-at least 4% of the image side. Placements that would break this are re-sampled.
+six classes (``CLASS_NAMES``) in random colours, sizes, rotations and positions (the longest side
+of a shape's full box log-uniform in 5-70% of the image side; ``max_object_size`` lowers the 70%).
+Shapes may overlap each other and be truncated by the image border, but every labelled shape stays
+substantially visible: at least half of its area, at least 60% of it inside the image, and a
+visible box side of at least 4% of the image side. Placements that would break this are re-sampled.
 
 The class is decided by shape only: colours are drawn independently of the class.
 
@@ -53,22 +54,43 @@ _TEST_ID_OFFSET = 200_000_000  # image_id = _TEST_ID_OFFSET + index (test)
 _ID_OFFSETS: dict[str, int] = {"train": 0, "val": _VAL_ID_OFFSET, "test": _TEST_ID_OFFSET}
 
 # Geometry limits, as fractions of the image side.
-_MIN_SIZE, _MAX_SIZE = 0.05, 0.70  # longest side of a shape's full (unoccluded) box, log-uniform
+# The longest side of a shape's full (unoccluded) box is log-uniform in [MIN_OBJECT_SIZE,
+# max_object_size] (an argument: config.dataset.max_object_size, default DEFAULT_MAX_OBJECT_SIZE).
+MIN_OBJECT_SIZE: float = 0.05
+DEFAULT_MAX_OBJECT_SIZE: float = 0.70
 _MIN_FULL_SIDE = 0.045  # shortest side of a shape's full box
 _MIN_VISIBLE_SIDE = 0.04  # shortest side of a shape's visible box
 _MIN_VISIBLE_FRACTION = 0.5  # visible area / full area after occlusion by later shapes
 _MIN_INSIDE_FRACTION = 0.6  # area inside the image / full area (truncation at the border)
 _PLACEMENT_ATTEMPTS = 24
+# Shape draws in a row outside the size limits before giving up (a max_object_size barely above
+# MIN_OBJECT_SIZE leaves polygons no pixel size that fits; the default rejects under 1% of draws).
+_MAX_SHAPE_DRAWS = 1000
 _MIN_COLOR_DISTANCE = 90.0  # RGB euclidean distance to what a shape is drawn over
 
 
-def _check_args(seed: int, split: str, index: int, image_size: int) -> None:
+def check_max_object_size(max_object_size: float, image_size: int) -> None:
+    """ValueError unless MIN_OBJECT_SIZE < max_object_size <= 1 and, at `image_size`, a shape's
+    full box can be at most max_object_size and at least _MIN_FULL_SIDE of the side in whole
+    pixels (else no shape would ever be accepted)."""
+    if not MIN_OBJECT_SIZE < max_object_size <= 1.0:  # also rejects NaN
+        raise ValueError(f"max_object_size must be in ({MIN_OBJECT_SIZE}, 1] (a fraction of the "
+                         f"image side), got {max_object_size}")
+    if math.floor(max_object_size * image_size) < math.ceil(_MIN_FULL_SIDE * image_size):
+        raise ValueError(f"max_object_size={max_object_size} is too small for image_size="
+                         f"{image_size}: shapes need a box side of at least "
+                         f"{math.ceil(_MIN_FULL_SIDE * image_size)} px")
+
+
+def _check_args(seed: int, split: str, index: int, image_size: int,
+                max_object_size: float = DEFAULT_MAX_OBJECT_SIZE) -> None:
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got {split!r}")
     if seed < 0 or not 0 <= index < _VAL_ID_OFFSET:
         raise ValueError(f"need seed >= 0 and 0 <= index < {_VAL_ID_OFFSET}, got {seed}, {index}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
+    check_max_object_size(max_object_size, image_size)
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -232,14 +254,16 @@ def _unit_polygon(rng: np.random.Generator, name: str) -> np.ndarray:
     raise ValueError(name)
 
 
-def _shape_mask(rng: np.random.Generator, label: int, image_size: int) -> np.ndarray | None:
+def _shape_mask(rng: np.random.Generator, label: int, image_size: int,
+                max_object_size: float = DEFAULT_MAX_OBJECT_SIZE) -> np.ndarray | None:
     """Rasterizes one shape at a random size, rotation and subpixel phase.
 
     Returns its mask, bool [h, w] cropped tight to the shape (so h, w are its full box sides in
-    pixels), or None if the sampled shape violates the size limits (the caller re-samples).
+    pixels), or None if the sampled shape violates the size limits (the caller re-samples):
+    longest side over max_object_size * image_size, or shortest under _MIN_FULL_SIDE of it.
     """
     name = CLASS_NAMES[label - 1]
-    side = math.exp(rng.uniform(math.log(_MIN_SIZE), math.log(_MAX_SIZE))) * image_size
+    side = math.exp(rng.uniform(math.log(MIN_OBJECT_SIZE), math.log(max_object_size))) * image_size
     phase = rng.uniform(0.0, 1.0, size=2)
     if name in ("circle", "ring"):
         r = side / 2.0
@@ -268,7 +292,7 @@ def _shape_mask(rng: np.random.Generator, label: int, image_size: int) -> np.nda
         return None
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     h, w = bottom - top, right - left
-    if max(h, w) > _MAX_SIZE * image_size or min(h, w) < _MIN_FULL_SIDE * image_size:
+    if max(h, w) > max_object_size * image_size or min(h, w) < _MIN_FULL_SIDE * image_size:
         return None
     return np.ascontiguousarray(mask[top:bottom, left:right])
 
@@ -387,11 +411,12 @@ def _paint(rng: np.random.Generator, image: np.ndarray, obj: _Object, noise: np.
 
 
 def _render(
-    rng: np.random.Generator, image_size: int
+    rng: np.random.Generator, image_size: int, max_object_size: float = DEFAULT_MAX_OBJECT_SIZE
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Returns image uint8 [S,S,3], boxes float32 [N,4], labels int32 [N], owner int8 [S,S].
 
     ``owner[y, x]`` is the index (into boxes/labels) of the object visible at that pixel, or -1.
+    max_object_size: the largest longest side of a shape's full box, a fraction of S.
     """
     size = image_size
     pil, noise = _background(rng, size)
@@ -406,8 +431,15 @@ def _render(
         for attempt in range(_PLACEMENT_ATTEMPTS):
             if attempt % 6 == 0:  # a new size/rotation every few attempts
                 mask = None
+            draws = 0
             while mask is None:
-                mask = _shape_mask(rng, label, size)
+                if draws == _MAX_SHAPE_DRAWS:
+                    raise RuntimeError(
+                        f"max_object_size={max_object_size} at image_size={size}: no "
+                        f"{CLASS_NAMES[label - 1]} of a size that fits in {draws} draws "
+                        f"(shapes are {MIN_OBJECT_SIZE}..max_object_size of the side); raise it")
+                mask = _shape_mask(rng, label, size, max_object_size)
+                draws += 1
             h, w = mask.shape
             # Mostly fully inside the image; sometimes truncated by the border.
             slack = 0.0 if rng.random() < 0.7 else 0.3
@@ -444,15 +476,17 @@ def _render(
 
 
 def generate_example_with_masks(
-    seed: int, split: str, index: int, image_size: int = 256
+    seed: int, split: str, index: int, image_size: int = 256,
+    max_object_size: float = DEFAULT_MAX_OBJECT_SIZE,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Like `generate_example`, plus ``owner`` int8 [S, S]: the object index visible at each pixel.
 
     ``owner == k`` is the visible mask of object k (row k of boxes/labels); -1 where no labelled
     object is visible. Meant for tests and debugging.
     """
-    _check_args(seed, split, index, image_size)
-    image, boxes, labels, owner = _render(_rng(seed, split, index), image_size)
+    max_object_size = float(max_object_size)
+    _check_args(seed, split, index, image_size, max_object_size)
+    image, boxes, labels, owner = _render(_rng(seed, split, index), image_size, max_object_size)
     image_id = index + _ID_OFFSETS[split]
     example = {
         "image": image,
@@ -464,7 +498,8 @@ def generate_example_with_masks(
     return example, owner
 
 
-def generate_example(seed: int, split: str, index: int, image_size: int = 256) -> dict[str, Any]:
+def generate_example(seed: int, split: str, index: int, image_size: int = 256,
+                     max_object_size: float = DEFAULT_MAX_OBJECT_SIZE) -> dict[str, Any]:
     """One example, deterministic in (seed, split, index); no two splits share an image.
 
     Args:
@@ -472,6 +507,10 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 256) -
       split: "train", "val" or "test".
       index: example index in [0, 1e8).
       image_size: side S of the square image.
+      max_object_size: the largest longest side of a shape's full (unoccluded) box, a fraction
+        of S in (MIN_OBJECT_SIZE, 1]; the sides are log-uniform from MIN_OBJECT_SIZE. The default
+        (DEFAULT_MAX_OBJECT_SIZE) gives the images of earlier versions bit for bit; another value
+        gives other images (a visible box is never larger than its shape's full box).
 
     Returns:
       {"image": uint8 [S, S, 3] RGB,
@@ -483,7 +522,7 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 256) -
                    test: unique across splits)},
       with 1 <= N <= MAX_OBJECTS; objects listed back to front (drawing order).
     """
-    return generate_example_with_masks(seed, split, index, image_size)[0]
+    return generate_example_with_masks(seed, split, index, image_size, max_object_size)[0]
 
 
 def _split_layout(num_examples: int, image_size: int) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
@@ -511,7 +550,8 @@ def _split_nbytes(num_examples: int, image_size: int) -> int:
 
 
 def _fill(arrays: dict[str, np.ndarray], seed: int, split: str, lo: int, hi: int,
-          image_size: int, parent: int | None = None) -> None:
+          image_size: int, parent: int | None = None,
+          max_object_size: float = DEFAULT_MAX_OBJECT_SIZE) -> None:
     """Examples lo..hi-1 of a split into `arrays` (the layout of `generate_split`); images whose
     array is smaller than `image_size` are resized to it with `ssd_jax.image.resize`."""
     from ssd_jax import image as image_lib  # numpy and Pillow only
@@ -520,7 +560,7 @@ def _fill(arrays: dict[str, np.ndarray], seed: int, split: str, lo: int, hi: int
     for i in range(lo, hi):
         if parent is not None and os.getppid() != parent:
             raise SystemExit("ssd_jax synthetic worker: the process that started it is gone")
-        ex = generate_example(seed, split, i, image_size)
+        ex = generate_example(seed, split, i, image_size, max_object_size)
         n = ex["labels"].shape[0]
         arrays["image"][i] = ex["image"] if store == image_size else image_lib.resize(
             ex["image"], store)
@@ -533,11 +573,13 @@ def _fill(arrays: dict[str, np.ndarray], seed: int, split: str, lo: int, hi: int
 def _worker_main() -> None:
     """Entry of a worker process (`SplitJob`): fills examples [lo, hi) of the split into the
     shared buffer it inherited as file descriptor `fd`."""
-    fd, seed, split, lo, hi, num_examples, image_size, store_size, parent = sys.argv[1:]
+    (fd, seed, split, lo, hi, num_examples, image_size, store_size, max_object_size,
+     parent) = sys.argv[1:]
     nbytes = _split_nbytes(int(num_examples), int(store_size))
     with mmap.mmap(int(fd), nbytes) as buffer:
         arrays = _split_arrays(buffer, int(num_examples), int(store_size))
-        _fill(arrays, int(seed), split, int(lo), int(hi), int(image_size), parent=int(parent))
+        _fill(arrays, int(seed), split, int(lo), int(hi), int(image_size), parent=int(parent),
+              max_object_size=float(max_object_size))
         del arrays
 
 
@@ -553,12 +595,15 @@ class SplitJob:
     """
 
     def __init__(self, seed: int, split: str, num_examples: int, image_size: int = 256,
-                 processes: int = 0, store_size: int | None = None):
-        _check_args(seed, split, 0, image_size)
+                 processes: int = 0, store_size: int | None = None,
+                 max_object_size: float = DEFAULT_MAX_OBJECT_SIZE):
+        max_object_size = float(max_object_size)
+        _check_args(seed, split, 0, image_size, max_object_size)
         self.store_size = int(store_size or image_size)
         if not 1 <= self.store_size <= image_size:
             raise ValueError(f"store_size must be in 1..image_size, got {store_size}")
         self.args = (int(seed), split, int(num_examples), int(image_size))
+        self.max_object_size = max_object_size
         self._arrays: dict[str, np.ndarray] | None = None
         self._workers: list[tuple[subprocess.Popen, Any]] = []
         n = int(num_examples)
@@ -581,7 +626,7 @@ class SplitJob:
                 cmd = [sys.executable, "-c",
                        "from ssd_jax.data.synthetic import _worker_main; _worker_main()",
                        str(fd), str(seed), split, str(lo), str(hi), str(n), str(image_size),
-                       str(self.store_size), str(os.getpid())]
+                       str(self.store_size), repr(max_object_size), str(os.getpid())]
                 self._workers.append((subprocess.Popen(
                     cmd, pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=err), err))
@@ -599,7 +644,7 @@ class SplitJob:
         if not self._workers:
             arrays = {name: np.zeros(shape, dtype)
                       for name, dtype, shape, _ in _split_layout(n, self.store_size)}
-            _fill(arrays, seed, split, 0, n, size)
+            _fill(arrays, seed, split, 0, n, size, max_object_size=self.max_object_size)
         else:
             try:
                 for proc, err in self._workers:
@@ -631,14 +676,14 @@ class SplitJob:
 
 def generate_split(
     seed: int, split: str, num_examples: int, image_size: int = 256, processes: int = 0,
-    store_size: int | None = None,
+    store_size: int | None = None, max_object_size: float = DEFAULT_MAX_OBJECT_SIZE,
 ) -> dict[str, np.ndarray]:
     """Examples 0..num_examples-1 of a split, stacked and padded to MAX_OBJECTS boxes.
 
     processes >= 1 renders them in that many worker processes (`SplitJob`); the arrays are the
     same bit for bit. store_size < image_size keeps each image resized to that side
     (`ssd_jax.image.resize`, the evaluation's bilinear resize) instead: a training table held at
-    the model's input size.
+    the model's input size. max_object_size: as in `generate_example`.
 
     Returns:
       {"image": uint8 [N, S, S, 3] (S = store_size or image_size),
@@ -647,11 +692,13 @@ def generate_split(
        "num_boxes": int32 [N],
        "image_id": int64 [N]}.
     """
-    return SplitJob(seed, split, num_examples, image_size, processes, store_size).result()
+    return SplitJob(seed, split, num_examples, image_size, processes, store_size,
+                    max_object_size).result()
 
 
 def render_preview(
-    path: str, seed: int = 0, n: int = 16, split: str = "val", image_size: int = 256
+    path: str, seed: int = 0, n: int = 16, split: str = "val", image_size: int = 256,
+    max_object_size: float = DEFAULT_MAX_OBJECT_SIZE,
 ) -> None:
     """Writes a PNG grid of the first `n` examples of a split with boxes and class names drawn."""
     cols = max(1, math.ceil(math.sqrt(n)))
@@ -660,7 +707,7 @@ def render_preview(
     sheet = Image.new("RGB", (cols * (image_size + pad) + pad, rows * (image_size + pad) + pad))
     palette = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
     for i in range(n):
-        ex = generate_example(seed, split, i, image_size)
+        ex = generate_example(seed, split, i, image_size, max_object_size)
         tile = Image.fromarray(ex["image"])
         draw = ImageDraw.Draw(tile)
         for box, label in zip(ex["boxes"], ex["labels"], strict=True):

@@ -191,7 +191,7 @@ def compare(got: dict, ref: dict, where: str) -> list[str]:
     if len(b):
         for q in QUANTILES:  # the reference's q-quantile splits `got` at q (a proportion)
             x = np.quantile(b, q)
-            check(f"share of kept boxes below the reference's {q:.0%} scale quantile {x:.3f}",
+            check(f"share of kept boxes below the reference's {q:.0%} scale quantile ({x:.3f}):",
                   (a <= x).mean(), (b <= x).mean(), np.sqrt(q * (1 - q) * (1 / len(a) + 1 / len(b))))
     return errors
 
@@ -217,8 +217,9 @@ def test_zoom_out_and_crop_match_caffe_and_torchvision(references, side):
     errors = []
     for k, (name, boxes) in enumerate(LAYOUTS.items()):
         got = summarize(run(np.asarray(boxes, np.float32).reshape(-1, 4), 4000, seed=10 + k))
-        if not boxes:
-            assert got["cropped"].sum() == 0, f"{side}: an image without boxes was cropped"
+        if not boxes and got["cropped"].any():
+            errors.append(f"{side}: images without boxes cropped {got['cropped'].mean():.2f} of "
+                          "the time (never in both references)")
         for ref in ("caffe", "torchvision"):
             errors += compare(got, references[name][ref], f"{side} vs {ref}, {name}")
     assert not errors, "\n".join(errors)

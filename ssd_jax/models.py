@@ -64,6 +64,7 @@ from ssd_jax.priors import (
     SSD512_VOC,
     SSDLITE320,
     PriorSpec,
+    prior_spec_by_name,
 )
 
 Dtype = Any
@@ -220,22 +221,49 @@ def _checked(model: SSD) -> SSD:
     return model
 
 
-def ssd300_vgg16(num_classes: int, prior_spec: PriorSpec = SSD300_VOC,
-                 dtype: Dtype = jnp.float32, image_mean: RGB = CAFFE_MEAN) -> SSD:
-    """The paper's SSD300 (VGG16, 6 maps, 8732 priors with SSD300_VOC)."""
-    return _checked(SSD(backbone=VGG16SSDBackbone(dtype=dtype), prior_spec=prior_spec,
-                        num_classes=num_classes, dtype=dtype, image_mean=image_mean))
+def _prior_spec(spec: PriorSpec | str) -> PriorSpec:
+    """A PriorSpec, or the preset of that name (`ssd_jax.priors.PRIOR_SPECS`)."""
+    return prior_spec_by_name(spec) if isinstance(spec, str) else spec
 
 
-def ssd512_vgg16(num_classes: int, prior_spec: PriorSpec = SSD512_VOC,
-                 dtype: Dtype = jnp.float32) -> SSD:
-    """The paper's SSD512 (VGG16, 7 maps, 24564 priors with SSD512_VOC)."""
+def _rgb(value: Sequence[float], name: str) -> RGB:
+    """Three floats (a config's list or tuple), else ValueError naming the option."""
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"{name} must be 3 values (R, G, B in [0, 255] units), got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def ssd300_vgg16(num_classes: int, prior_spec: PriorSpec | str = SSD300_VOC,
+                 dtype: Dtype = jnp.float32, image_mean: Sequence[float] = CAFFE_MEAN,
+                 image_std: Sequence[float] = UNIT_STD) -> SSD:
+    """The paper's SSD300 (VGG16, 6 maps, 8732 priors with SSD300_VOC).
+
+    prior_spec: a PriorSpec or a preset's name ("ssd300_voc", "ssd300_coco",
+    "ssd300_torchvision"); image_mean, image_std: RGB, [0, 255] units (Caffe's mean, unit std).
+    """
+    return _checked(SSD(backbone=VGG16SSDBackbone(dtype=dtype), prior_spec=_prior_spec(prior_spec),
+                        num_classes=num_classes, dtype=dtype,
+                        image_mean=_rgb(image_mean, "image_mean"),
+                        image_std=_rgb(image_std, "image_std")))
+
+
+def ssd512_vgg16(num_classes: int, prior_spec: PriorSpec | str = SSD512_VOC,
+                 dtype: Dtype = jnp.float32, image_mean: Sequence[float] = CAFFE_MEAN,
+                 image_std: Sequence[float] = UNIT_STD) -> SSD:
+    """The paper's SSD512 (VGG16, 7 maps, 24564 priors with SSD512_VOC or SSD512_COCO).
+
+    prior_spec: a PriorSpec or a preset's name ("ssd512_voc", "ssd512_coco"); image_mean,
+    image_std: RGB, [0, 255] units (Caffe's mean, unit std).
+    """
     return _checked(SSD(backbone=VGG16SSDBackbone(highres=True, dtype=dtype),
-                        prior_spec=prior_spec, num_classes=num_classes, dtype=dtype))
+                        prior_spec=_prior_spec(prior_spec), num_classes=num_classes, dtype=dtype,
+                        image_mean=_rgb(image_mean, "image_mean"),
+                        image_std=_rgb(image_std, "image_std")))
 
 
 def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
-                prior_spec: PriorSpec | None = None, width_mult: float = 1.0,
+                prior_spec: PriorSpec | str | None = None, width_mult: float = 1.0,
                 top_down: bool = False, num_maps: int = 6, freeze_bn: bool = False,
                 depths: Sequence[int] = (0, 1, 1, 1)) -> SSD:
     """The compact conv+BN SSD at 128 px for CPU training from scratch.
@@ -250,6 +278,8 @@ def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
             isinstance(d, int) and d >= 0 for d in depths):
         raise ValueError(f"compact_ssd: depths must be {len(CompactNet.widths)} whole numbers >= 0 "
                          f"(3x3 convs after each backbone stage's stride-2 conv), got {depths}")
+    if isinstance(prior_spec, str):
+        prior_spec = prior_spec_by_name(prior_spec)
     if prior_spec is None:
         if num_maps not in (5, 6):
             raise ValueError(f"compact_ssd: num_maps must be 5 or 6, got {num_maps}")

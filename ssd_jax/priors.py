@@ -138,6 +138,17 @@ SSD300_COCO = PriorSpec(
     aspect_ratios=_VOC_RATIOS_300,
 )
 
+#: The paper's SSD512 for COCO (Caffe ssd_coco.py at 512 px: min_ratio 10, max_ratio 90, step 16,
+#: conv4_3 at 4% and 10%): min_sizes 20.48..460.8 px, max_sizes 51.2..542.72, no clipping.
+SSD512_COCO = PriorSpec(
+    image_size=512,
+    feature_map_sizes=SSD512_VOC.feature_map_sizes,
+    steps=SSD512_VOC.steps,
+    min_sizes=tuple(512 * r / 100 for r in (4, 10, 26, 42, 58, 74, 90)),
+    max_sizes=tuple(512 * r / 100 for r in (10, 26, 42, 58, 74, 90, 106)),
+    aspect_ratios=SSD512_VOC.aspect_ratios,
+)
+
 _TV_SCALES = (0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05)
 
 #: torchvision's ssd300_vgg16 DefaultBoxGenerator: COCO scales, w and h clamped to [0, 1].
@@ -194,3 +205,24 @@ COMPACT6_PRIORS = PriorSpec(
     max_sizes=tuple(s * 128 for s in (0.08,) + _COMPACT_SCALES[1:]),
     aspect_ratios=((),) + COMPACT_PRIORS.aspect_ratios,
 )
+
+
+#: Every preset by name: what `config.model.prior_spec` may hold (`prior_spec_by_name`).
+PRIOR_SPECS: dict[str, PriorSpec] = {
+    "ssd300_voc": SSD300_VOC,
+    "ssd512_voc": SSD512_VOC,
+    "ssd300_coco": SSD300_COCO,
+    "ssd512_coco": SSD512_COCO,
+    "ssd300_torchvision": SSD300_TORCHVISION,
+    "ssdlite320": SSDLITE320,
+    "ssd300_resnet50": SSD300_RESNET50,
+    "compact": COMPACT_PRIORS,
+    "compact6": COMPACT6_PRIORS,
+}
+
+
+def prior_spec_by_name(name: str) -> PriorSpec:
+    """The preset registered as `name` in PRIOR_SPECS; ValueError naming the valid ones."""
+    if name not in PRIOR_SPECS:
+        raise ValueError(f"unknown prior spec {name!r}; valid names: {', '.join(PRIOR_SPECS)}")
+    return PRIOR_SPECS[name]

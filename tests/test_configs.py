@@ -55,3 +55,44 @@ def test_one_step_of_every_config(name, tmp_path, tfds_mock_2, monkeypatch):
     assert int(state.step) == 1
     key = "AP" if config.metric == "coco" else "mAP"
     assert key in metrics and (math.isnan(metrics[key]) or 0.0 <= metrics[key] <= 1.0)
+
+
+def test_ssd300_coco_builds_torchvisions_coco_anchors():
+    """The config's model has the anchors of torchvision's COCO ssd300_vgg16 itself (its own
+    anchor generator, from the model builder), in the same order, and Caffe's mean."""
+    import numpy as np
+    import torch
+    import torchvision
+
+    from ssd_jax import priors
+
+    config = importlib.import_module("experiments.configs.ssd300_coco").get_config()
+    model = train_lib.create_model(config, 91)
+    tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
+                                                    num_classes=91)
+    grid = [[f, f] for f in model.prior_spec.feature_map_sizes]
+    ref = tv.anchor_generator._grid_default_boxes(grid, [300, 300], dtype=torch.float32).numpy()
+    np.testing.assert_allclose(priors.generate_priors(model.prior_spec), ref, atol=1e-6)
+    np.testing.assert_allclose(model.image_mean, np.asarray(tv.transform.image_mean) * 255, atol=0.01)
+
+
+@pytest.mark.parametrize("name,spec", [("ssd300_voc", "SSD300_VOC"), ("ssd512_voc", "SSD512_VOC"),
+                                       ("ssd512_coco", "SSD512_COCO")])
+def test_paper_configs_build_their_papers_priors(name, spec):
+    from ssd_jax import priors
+
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    assert train_lib.create_model(config, 21).prior_spec == getattr(priors, spec)
+
+
+def test_a_wrong_prior_spec_is_a_config_error(tmp_path):
+    from ssd_jax.errors import ConfigError
+
+    config = importlib.import_module("experiments.configs.ssd300_voc").get_config()
+    config.dataset.data_dir = str(tmp_path)
+    config.model.prior_spec = "ssd512_coco"  # 7 maps for a 6-map network
+    with pytest.raises(ConfigError, match="config.model: prior_spec has 7 feature maps"):
+        train_lib.validate_config(config)
+    config.model.prior_spec = "ssd300"
+    with pytest.raises(ConfigError, match="unknown prior spec 'ssd300'"):
+        train_lib.validate_config(config)

@@ -75,3 +75,52 @@ def test_bad_spec_is_a_clear_error():
         priors.PriorSpec(300, (38, 19), (8,), (30, 60), (60, 111), ((2,), (2,)))
     with pytest.raises(ValueError, match="clip"):
         priors.PriorSpec(300, (38,), (8,), (30,), (60,), ((2,),), clip="yes")  # type: ignore[arg-type]
+
+
+def _caffe_sizes(min_dim: int, num_maps: int, min_ratio: int, max_ratio: int,
+                 first: tuple[int, int]) -> tuple[list[float], list[float]]:
+    """min_sizes, max_sizes as Caffe's ssd_pascal.py / ssd_coco.py compute them (in percent)."""
+    step = int(math.floor((max_ratio - min_ratio) / (num_maps - 2)))
+    mins, maxs = [], []
+    for ratio in range(min_ratio, max_ratio + 1, step):
+        mins.append(min_dim * ratio / 100.0)
+        maxs.append(min_dim * (ratio + step) / 100.0)
+    return [min_dim * first[0] / 100.0] + mins, [min_dim * first[1] / 100.0] + maxs
+
+
+@pytest.mark.parametrize("spec,args", [
+    (priors.SSD300_VOC, (300, 6, 20, 90, (10, 20))),   # ssd_pascal.py
+    (priors.SSD512_VOC, (512, 7, 15, 90, (7, 15))),    # ssd_pascal_512.py
+    (priors.SSD300_COCO, (300, 6, 15, 90, (7, 15))),   # ssd_coco.py
+    (priors.SSD512_COCO, (512, 7, 10, 90, (4, 10))),   # ssd_coco.py at 512 px
+])
+def test_paper_specs_have_the_caffe_scripts_sizes(spec, args):
+    mins, maxs = _caffe_sizes(*args)
+    np.testing.assert_allclose(spec.min_sizes, mins, rtol=1e-9)
+    np.testing.assert_allclose(spec.max_sizes, maxs, rtol=1e-9)
+    assert spec.clip == "none"  # the scripts' clip = False
+
+
+def test_ssd512_coco_priors_follow_the_prior_box_formula():
+    """Every SSD512-COCO prior against Caffe's PriorBox formula written out here (centres
+    (j + 0.5) * step, boxes min, sqrt(min * max), then each ratio and its inverse)."""
+    spec = priors.SSD512_COCO
+    ref = []
+    for f, step, smin, smax, ratios in zip(spec.feature_map_sizes, spec.steps, spec.min_sizes,
+                                           spec.max_sizes, spec.aspect_ratios):
+        for i in range(f):
+            for j in range(f):
+                cx, cy = (j + 0.5) * step / 512, (i + 0.5) * step / 512
+                sizes = [(smin, smin), (math.sqrt(smin * smax),) * 2]
+                for r in ratios:
+                    sizes += [(smin * math.sqrt(r), smin / math.sqrt(r)),
+                              (smin / math.sqrt(r), smin * math.sqrt(r))]
+                ref += [(cx, cy, w / 512, h / 512) for w, h in sizes]
+    np.testing.assert_allclose(priors.generate_priors(spec), np.asarray(ref), atol=1e-6)
+    assert len(ref) == 24564
+
+
+def test_prior_specs_by_name():
+    assert priors.prior_spec_by_name("ssd512_coco") is priors.SSD512_COCO
+    with pytest.raises(ValueError, match="unknown prior spec 'ssd300'; valid names: ssd300_voc"):
+        priors.prior_spec_by_name("ssd300")

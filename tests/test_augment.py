@@ -165,6 +165,28 @@ def test_the_min_iou_rule_holds_for_every_kept_crop():
             assert ((c > w[:2]) & (c < w[2:])).all(1).any()
 
 
+def test_an_example_depends_on_its_key_only():
+    """Bit for bit: the same keys give the same batch, and example i of a batch equals the same
+    example at another position of the batch (what 1 = N devices and resume rely on)."""
+    rng = np.random.default_rng(9)
+    canvases = rng.integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
+    sizes = np.asarray([[48, 40], [30, 48], [48, 48], [20, 33]], np.int32)
+    wh = rng.uniform(0.1, 0.5, (4, 3, 2))
+    lo = rng.uniform(0, 1, (4, 3, 2)) * (1 - wh)
+    boxes = np.concatenate([lo, lo + wh], -1).astype(np.float32)
+    labels = np.asarray([[1, 2, 0], [3, 0, 0], [1, 1, 1], [0, 0, 0]], np.int32)
+    keys = _keys(4, 5)
+    kw = dict(out_size=32, photometric=True)
+    a = jax.tree.map(np.asarray, _augment(keys, canvases, sizes, boxes, labels, **kw))
+    b = jax.tree.map(np.asarray, _augment(keys, canvases, sizes, boxes, labels, **kw))
+    order = np.asarray([2, 0, 3, 1])
+    c = jax.tree.map(np.asarray, _augment(keys[order], canvases[order], sizes[order],
+                                          boxes[order], labels[order], **kw))
+    for x, y, z in zip(a, b, c, strict=True):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x[order], z)
+
+
 def test_boxes_whose_centre_leaves_the_window_become_padding():
     rng = np.random.default_rng(4)
     boxes = rng.uniform(0, 1, (500, 4)).astype(np.float32)

@@ -39,18 +39,22 @@ Where step 2 still differs from Caffe's code, and why:
     U[0.3, 1] each and a patch whose aspect *in pixels* leaves [0.5, 2] fails its trial, as
     torchvision's `RandomIoUCrop` (its SSD recipe) and ssd.pytorch's `RandomSampleCrop` do: on a
     500x375 VOC image Caffe's limit allows a pixel aspect of 2.67, and this one is the rule of
-    the peer the tests run (tests/test_augment.py draws both against this module's sampler).
+    the peer the tests run (tests/test_crop_reference.py draws Caffe's selection rule in numpy
+    and torchvision's transforms against this module's and ssd_jax.augment's samplers).
   * Every patch must contain the centre of at least one ground-truth box (torchvision and
     ssd.pytorch too). Caffe's min-IoU samplers test IoU only and its unconstrained one only asks
-    that the image has a box, so a Caffe patch can keep no box at all, an image of background;
-    here every cropped image keeps an object to match.
+    that the image has a box, so a Caffe patch can keep no box at all, an image of background
+    (measured with Caffe's own patch shape: 0.91 boxes kept per image of one object 0.4 of the
+    side, against 1.00 here); here every cropped image keeps an object to match.
   * An image without boxes is never cropped: Caffe's constrained samplers find nothing in it
     (its "unconstrained" one is `max_jaccard_overlap: 1.0`, a constraint on some box) and
     torchvision redraws until it picks the whole image; the same here, by construction.
   * torchvision tests the IoU only against the boxes whose centre is in the patch; Caffe and
     this module against all boxes.
   * Caffe distorts the colours of the original image before expanding it; here the photometric
-    step runs on the output (step 5; the same per-pixel ops, the fill kept at the mean).
+    step runs on the output (step 5; the same per-pixel ops, the fill kept at the mean). Its
+    order also differs: Caffe applies brightness, then contrast second or last (p 0.5), then
+    saturation and hue (`random_order_prob: 0`); here the four come in a random order.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "compact"      # a name of ssd_jax.models.MODELS (README: the models table)
     # Options of the "compact" builder (ssd_jax.models.compact_ssd); the other configs replace
-    # config.model with their builder's options (the VGG16 builders take none).
+    # config.model with their builder's options (the VGG16 builders: prior_spec, image_mean, image_std).
     config.model.freeze_bn = False     # BatchNorm keeps its running statistics in training (True:
                                        # for fine-tuning with small per-device batches)
     config.model.width_mult = 1.0      # multiplies every channel count

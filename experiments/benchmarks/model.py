@@ -11,8 +11,9 @@ torchvision's ssdlite320_mobilenet_v3_large (320 px), timed the same way; ssd512
 ssd300_resnet50 and the compact model have none (torchvision ships none of them), and their
 rows note their cost relative to SSD300 when it runs too. Each forward row notes the model's
 priors, parameters and multiply-adds per image (`models.flops_per_image`). With SSD300 in fp32,
-one more row times `augment.augment_batch` (every step on, 512 px canvases -> 300) at the same
-batch: the device mode's augmentation, as a share of the train step.
+one more row times `augment.augment_batch` (every step on, 512 px canvases -> 300, 64 padded
+boxes as ssd300_voc's) at the same batch: the device mode's augmentation, as a share of the train
+step.
 
     python -m experiments.benchmark --suite=model [--model_batch=8] [--dtype=bf16] [--nopeer]
 """
@@ -97,6 +98,9 @@ def voc_train_config(name: str, dtype_name: str) -> _Config:
 
 #: The canvas the device-mode rows resample from (the VOC/COCO configs' canvas_size).
 AUGMENT_CANVAS = 512
+#: Padded boxes per image of that row: ssd300_voc's max_boxes (the crop sampler tests each of its
+#: 6 x 50 patches against every one of them).
+AUGMENT_MAX_BOXES = 64
 
 
 def _time_augment(size: int, batch: int, timing: dict) -> float:
@@ -106,7 +110,12 @@ def _time_augment(size: int, batch: int, timing: dict) -> float:
 
     from ssd_jax import augment
 
-    images, boxes, labels = _synthetic(batch, AUGMENT_CANVAS)
+    images, _, _ = _synthetic(batch, AUGMENT_CANVAS)
+    rng = np.random.default_rng(1)
+    lo = rng.uniform(0.0, 0.6, (batch, AUGMENT_MAX_BOXES, 2))
+    boxes = np.concatenate([lo, lo + rng.uniform(0.05, 0.4, lo.shape)], -1).astype(np.float32)
+    labels = np.zeros((batch, AUGMENT_MAX_BOXES), np.int32)
+    labels[:, :3] = 1  # VOC's mean: ~3 objects, the rest padding
     sizes = np.tile(np.asarray([[375, 500]], np.int32), (batch, 1))
     keys = augment.example_keys(jax.random.key(0), jnp.arange(batch, dtype=jnp.uint32))
     fn = jax.jit(lambda k, *a: augment.augment_batch(k, *a, out_size=size))

@@ -256,4 +256,7 @@ def _table(n: int) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 or (len(sys.argv) == 2 and not sys.argv[1].isdigit()):
+        sys.exit(f"usage: python -m tests.test_crop_reference [DRAWS] (a whole number, default "
+                 f"1500), got {' '.join(sys.argv[1:])!r}")
     _table(int(sys.argv[1]) if len(sys.argv) > 1 else 1500)

@@ -494,7 +494,8 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
                 raise
             message = str(e) if str(e) else "interrupted"
             print(f"\n{message}", file=sys.stderr)
-            sys.exit(130)
+            # the shell's code for death by that signal: 130 after Ctrl-C, 143 after SIGTERM
+            sys.exit(143 if getattr(e, "signal_name", "") == "SIGTERM" else 130)
         except LostProcessError as e:
             if debug_flag["on"]:
                 raise

@@ -36,4 +36,9 @@ class LostProcessError(UserError, RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message names the step reached and the last checkpoint."""
+    """Ctrl-C or SIGTERM during training; the message names the step reached and the last
+    checkpoint (single-process runs save the step reached first). `signal_name`: the signal."""
+
+    def __init__(self, message: str = "", signal_name: str = "SIGINT"):
+        super().__init__(message)
+        self.signal_name = signal_name

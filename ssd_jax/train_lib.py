@@ -585,35 +585,45 @@ def _last_checkpoint(manager: ocp.CheckpointManager) -> str:
             else "no checkpoint was written yet (a rerun starts from step 0)")
 
 
+class _StopRequested(KeyboardInterrupt):
+    """A stop asked for by a signal, raised by `_StopOnInterrupt.check` at a step boundary: the
+    train state is that of the step reached, so it can be saved."""
+
+
 class _StopOnInterrupt:
-    """Ctrl-C (SIGINT) during training: a flag the loop checks once per step, so the interrupt
-    is never swallowed by a callback it happens to land in (JAX's GC callback ignores one); a
-    second Ctrl-C interrupts at once. Only in the main thread (signal handlers live there)."""
+    """Ctrl-C (SIGINT) or SIGTERM (what `timeout`, SLURM, Kubernetes, docker and preemptible
+    cloud VMs send) during training: a flag the loop checks once per step, so the stop lands at a
+    step boundary, where the state can be saved, and is never swallowed by a callback it happens
+    to land in (JAX's GC callback ignores a KeyboardInterrupt); a second signal interrupts at once.
+    Only in the main thread (signal handlers live there)."""
 
     def __init__(self):
         import signal
         import threading
 
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # the name of the signal that asked for the stop
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        import signal
+
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def check(self) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise _StopRequested
 
     def restore(self) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 class _WorkdirLog:
@@ -807,10 +817,22 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
             _check_finite_then_save(manager, state, total)
         stop.check()
         last_eval = run_eval(max(total, start_step))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        saved = ""
+        if isinstance(e, _StopRequested) and n_proc == 1 and done > 0 \
+                and manager.latest_step() != done:
+            # at a step boundary: `state` is step `done`'s; keep the work done since the last
+            # checkpoint (several processes would each stop at their own step: they keep the
+            # last periodic checkpoint)
+            try:
+                _check_finite_then_save(manager, state, done)
+                saved = " (saved now)"
+            except NonFiniteLossError as bad:
+                saved = f" ({bad})"
         raise TrainingInterrupted(
-            f"interrupted at step {done}; {_last_checkpoint(manager)}; run the same command to "
-            "resume") from None
+            f"interrupted{' by ' + stop.requested if stop.requested else ''} at step {done}; "
+            f"{_last_checkpoint(manager)}{saved}; run the same command to resume",
+            signal_name=stop.requested or "SIGINT") from None
     finally:
         stop.restore()
     logging.info("final eval at step %d: %s", max(total, start_step),

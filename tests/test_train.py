@@ -347,3 +347,28 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigint_and_sigterm_stop_at_the_next_step_boundary():
+    """The handler the train loop installs: either signal sets a flag that the loop's check turns
+    into a stop at a step boundary (where the state is saved); a second one interrupts at once;
+    the previous handlers come back after training. (The command-line run: test_cli.)"""
+    import threading
+
+    assert threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        stop = train_lib._StopOnInterrupt()
+        try:
+            stop.check()  # nothing asked yet
+            os.kill(os.getpid(), sig)
+            assert stop.requested == sig.name
+            with pytest.raises(train_lib._StopRequested):
+                stop.check()
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the handler runs between bytecodes of the main thread
+                    pass
+        finally:
+            stop.restore()
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

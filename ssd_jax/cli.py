@@ -454,6 +454,9 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
                 raise SystemExit(0) from None
             raise
         except flags.Error as e:
+            hint = _unknown_flag_hint(e, spec if spec is not None else default_config, configs_dir)
+            if hint:  # absl's own guess (num_processes for num_train_steps) would mislead
+                fail(f"unknown flag --{e.flagname}{hint}", 2)
             fail(f"{e} (--help lists the flags)", 2)
         debug_flag["on"] = debug or bool(FLAGS.debug)
         if configs_dir is None:
@@ -511,7 +514,28 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
                 raise
             fail(_message(e))
 
-    app.run(wrapped, argv=argv, flags_parser=parser)
+    try:
+        app.run(wrapped, argv=argv, flags_parser=parser)
+    except BrokenPipeError:
+        # the reader went away (`--help | head -1`): stop quietly, as a pipeline expects; output
+        # still buffered would fail again at exit, so stdout points at /dev/null from here on
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)  # the shell's code for death by SIGPIPE
+
+
+def _unknown_flag_hint(e: flags.Error, config_spec: str | None, configs_dir: str | None) -> str:
+    """For `--batch_size=4`: '; batch_size is a config field: --config.batch_size=...' when the
+    unknown flag names a field of the config in use (else "")."""
+    name = getattr(e, "flagname", None)
+    if not name or configs_dir is None or config_spec is None:
+        return ""
+    try:
+        config = load_config_file(resolve_config(config_spec, configs_dir))
+    except Exception:  # noqa: BLE001 (only a hint: the config's own errors come later)
+        return ""
+    paths = [p for p in field_paths(config) if p == name or p.endswith("." + name)]
+    return f"; it is a config field: --config.{paths[0]}=..." if paths else ""
 
 
 def _message(e: BaseException) -> str:

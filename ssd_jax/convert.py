@@ -28,6 +28,7 @@ import ml_dtypes  # noqa: F401  (a jax dependency; registers bfloat16 with numpy
 import numpy as np
 
 from ssd_jax import models
+from ssd_jax.errors import MissingDependencyError
 from ssd_jax.priors import SSD300_TORCHVISION, SSDLITE320
 
 StateDict = Mapping[str, Any]
@@ -389,8 +390,9 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch  # lazily: only reading a .pth file needs torch
     except ImportError as e:
-        raise ImportError(f"reading {path!r} needs torch (pip install torch), or convert the "
-                          f"file to .safetensors") from e
+        raise MissingDependencyError(
+            f"reading {path!r} needs torch, which is not installed: pip install torch (or "
+            "convert the file to .safetensors where torch is)") from e
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # garbage unpickles into anything: IndexError, KeyError, EOFError...

@@ -29,6 +29,10 @@ class WorkdirMismatchError(UserError, ValueError):
     """A workdir holds a run whose config differs from the one asked for (lists the fields)."""
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a feature needs is not installed (names it and how to install it)."""
+
+
 class LostProcessError(UserError, RuntimeError):
     """A process of a multi-process run stopped (killed, crashed, its host lost); the message names
     it and the checkpoint the run resumes from. The commands exit at once on it (`os._exit`): the

@@ -281,6 +281,9 @@ MISTAKES = [
     pytest.param("experiments.train", ["--workdir=TXT/run"], ["TXT/run", "cannot write"],
                  id="train-workdir-under-a-file"),
     pytest.param("experiments.train", [], ["--workdir", "required"], id="train-no-workdir"),
+    pytest.param("experiments.train", ["--workdir=OUT", "--num_train_steps=5"],
+                 ["--num_train_steps", "--config.num_train_steps="],
+                 id="train-config-field-as-a-flag"),  # absl alone suggested --num_processes
     pytest.param("experiments.predict",
                  ["--images=/no/such/dir", "--out=OUT", "--torchvision_checkpoint=TXT"],
                  ["/no/such/dir"], id="predict-missing-images-first"),
@@ -423,3 +426,15 @@ def test_prefer_eigen_convolutions_appends_once_and_keeps_the_users_choice(monke
     monkeypatch.delenv("XLA_FLAGS")
     assert cli.prefer_eigen_convolutions()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--print_config"]], ids=["help", "print_config"])
+def test_a_reader_that_goes_away_is_no_error(tmp_path, args):
+    """`ssd-train --help | head -1`: the pipe closes before the output is written; the command
+    stops quietly (141, SIGPIPE's code), no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=tmp_path,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err[-4000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-4000:]

@@ -52,3 +52,21 @@ def test_help_exits_0(tmp_path, module, flag):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert flag in proc.stdout
     assert not _errors(proc.stderr)
+
+
+def test_a_pth_file_without_torch_is_one_line(tmp_path):
+    """Reading a .pth needs torch (a test extra): without it, one line saying how to get it."""
+    (tmp_path / "w.pth").write_text("x")
+    code = ("import runpy, sys; sys.modules['torch'] = None; "  # as if torch were not installed
+            "sys.argv = ['convert_torchvision', '--input=w.pth', '--output=out']; "
+            "runpy.run_module('experiments.convert_torchvision', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    errors = _errors(proc.stderr)
+    assert len(errors) == 1 and "needs torch" in errors[0] and "pip install torch" in errors[0], \
+        proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -417,6 +417,24 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
                                  options=options)
 
 
+#: The models whose recipes start from an ImageNet backbone, and the convert_torchvision --kind
+#: and torchvision file that gives it.
+PRETRAINED_BACKBONES = {"ssd300_vgg16": ("vgg16", "vgg16-397923af.pth"),
+                        "ssd512_vgg16": ("vgg16", "vgg16-397923af.pth"),
+                        "ssd300_resnet50": ("resnet50", "resnet50-0676ba61.pth")}
+
+
+def pretrained_backbone_hint(config: ml_collections.ConfigDict, resuming: bool) -> str | None:
+    """The warning for a fresh run of a model whose recipe starts from ImageNet weights with an
+    empty config.init_checkpoint (its backbone would start from random weights), else None."""
+    if resuming or config.init_checkpoint or config.model.name not in PRETRAINED_BACKBONES:
+        return None
+    kind, file = PRETRAINED_BACKBONES[config.model.name]
+    return (f"config.init_checkpoint is empty: {config.model.name} starts from random weights, "
+            f"while its recipe starts from ImageNet {kind} (python -m experiments.convert_torchvision "
+            f"--kind={kind} --input={file} --output=CKPT, then --config.init_checkpoint=CKPT)")
+
+
 def restore_or_init(manager: ocp.CheckpointManager, state: TrainState,
                     sharding: jax.sharding.Sharding | None = None) -> TrainState:
     """The latest checkpoint's state if there is one (exact resume), else `state`; placed with
@@ -706,6 +724,9 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
     steps = make_steps(config, model, tx)
     n_proc = jax.process_count()
     local_batch, local_eval_batch = config.batch_size // n_proc, config.eval_batch_size // n_proc
+    hint = pretrained_backbone_hint(config, resuming=manager.latest_step() is not None)
+    if hint:
+        logging.warning(hint)
     state = restore_or_init(manager, create_train_state(config, model, tx), steps.replicated)
     compile_steps(steps, state, config, size)
     # XLA's compiles leave ~0.5 GB of freed heap: back to the OS before the data is read (the

@@ -372,3 +372,16 @@ def test_sigint_and_sigterm_stop_at_the_next_step_boundary():
         finally:
             stop.restore()
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_fresh_vgg16_run_without_a_backbone_checkpoint_is_warned():
+    """The README's own-data VOC line (--config=ssd300_voc, no init_checkpoint) trained VGG16 from
+    random weights without a word; the run now says so at its start, and how to convert one."""
+    config = importlib.import_module("experiments.configs.ssd300_voc").get_config()
+    hint = train_lib.pretrained_backbone_hint(config, resuming=False)
+    assert "config.init_checkpoint is empty" in hint and "--kind=vgg16" in hint
+    assert train_lib.pretrained_backbone_hint(config, resuming=True) is None
+    config.init_checkpoint = "ckpt"
+    assert train_lib.pretrained_backbone_hint(config, resuming=False) is None
+    default = importlib.import_module("experiments.configs.default").get_config()
+    assert train_lib.pretrained_backbone_hint(default, resuming=False) is None  # from scratch

@@ -301,3 +301,20 @@ def test_normalized_boxes_get_a_warning(tmp_path):
     data = pipeline.InputPipeline(ok)
     data.info()
     assert not data.warnings
+
+
+def test_corner_boxes_in_a_coco_bbox_get_a_warning(tmp_path):
+    """bbox written [x0, y0, x1, y1] instead of [x, y, w, h] trained silently with 63 of 88 boxes
+    clipped; now a warning names it. Correct boxes near the edges get none."""
+    from ssd_jax.data import pipeline
+
+    corners = [[40.0, 50.0, 180.0, 200.0], [150.0, 120.0, 290.0, 260.0], [10.0, 200.0, 60.0, 290.0]]
+    data = pipeline.InputPipeline(dataset_config(**_folder(tmp_path, corners)))
+    data.info()
+    assert any("[x0, y0, x1, y1]" in w and "reach past the image edge" in w
+               for w in data.warnings), data.warnings
+    (tmp_path / "ok").mkdir()
+    xywh = [[40.0, 50.0, 140.0, 150.0], [150.0, 120.0, 140.0, 140.0], [10.0, 200.0, 50.0, 90.0]]
+    data = pipeline.InputPipeline(dataset_config(**_folder(tmp_path / "ok", xywh)))
+    data.info()
+    assert not data.warnings, data.warnings

@@ -369,6 +369,7 @@ def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> 
         per_image.setdefault(a["image_id"], []).append(a)
     builder = _TableBuilder(keep_crowd=keep_crowd)
     pixel_extent, widths = 0.0, []
+    n_boxes = n_past_edge = n_as_corners = 0  # for the [x0, y0, x1, y1] warning
     for img in coco["images"]:
         fname = img["file_name"]
         if fname not in present:
@@ -392,6 +393,9 @@ def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> 
                 builder.stats["annotations_invalid_dropped"] += 1
                 continue
             boxes.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
+            n_boxes += 1
+            n_past_edge += (x + bw > w + 1) or (y + bh > h + 1)
+            n_as_corners += (x < bw <= w + 1) and (y < bh <= h + 1)
             labels.append(cat_to_label[a["category_id"]])
             crowd.append(bool(a.get("iscrowd", 0)))
             if np.isfinite([x, y, bw, bh]).all():
@@ -401,7 +405,19 @@ def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> 
     table = builder.build(names, what=f"{annotations}")
     table.category_ids = tuple(int(c["id"]) for c in cats)
     table.warnings += _normalized_warning(annotations, pixel_extent, widths, len(table.labels))
+    table.warnings += _corners_warning(annotations, n_boxes, n_past_edge, n_as_corners)
     return table
+
+
+def _corners_warning(what: str, n: int, past_edge: int, as_corners: int) -> list[str]:
+    """A warning when COCO bboxes look written as corners [x0, y0, x1, y1] instead of
+    [x, y, width, height] (a common export mistake): read as COCO's, many reach past the image
+    edge (each by about its own offset), and read as corners, nearly every one fits its image."""
+    if n >= 5 and past_edge >= 0.2 * n and as_corners >= 0.95 * n:
+        return [f"{what}: {past_edge} of {n} boxes reach past the image edge, and {as_corners} "
+                "read as [x0, y0, x1, y1] corners inside their image: COCO's bbox is [x, y, width, "
+                "height] (write width = x1 - x0, height = y1 - y0)"]
+    return []
 
 
 def _normalized_warning(what: str, pixel_extent: float, sides: list[float], n: int) -> list[str]:

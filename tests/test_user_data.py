@@ -318,3 +318,26 @@ def test_corner_boxes_in_a_coco_bbox_get_a_warning(tmp_path):
     data = pipeline.InputPipeline(dataset_config(**_folder(tmp_path / "ok", xywh)))
     data.info()
     assert not data.warnings, data.warnings
+
+
+def test_coco_file_names_with_a_subfolder(tmp_path):
+    """file_name "train/0.jpg" (CVAT, Label Studio exports) was rejected as missing; it is read
+    from the subfolder now, and a file that is really missing is named in the message."""
+    from ssd_jax.data import pipeline, sources
+
+    f = _folder(tmp_path, [[30.0, 60.0, 90.0, 120.0]])
+    (tmp_path / "images" / "train").mkdir()
+    for i in range(3):
+        os.replace(tmp_path / "images" / f"{i}.jpg", tmp_path / "images" / "train" / f"{i}.jpg")
+    ann = json.loads((tmp_path / "a.json").read_text())
+    for img in ann["images"]:
+        img["file_name"] = "train/" + img["file_name"]
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    table = sources.coco_json_table(f["train_annotations"], f["train_images"], keep_crowd=False)
+    assert len(table.image_id) == 3 and table.stats["missing_image_files"] == 0
+    assert all(os.path.exists(p) for p in table.paths)
+    for img in ann["images"]:
+        img["file_name"] = img["file_name"].replace("train/", "val/")
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    with pytest.raises(DataError, match=r"missing_image_files.*e\.g\. .*images/val/0\.jpg is not there"):
+        pipeline.InputPipeline(dataset_config(**f)).info()

@@ -114,6 +114,12 @@ class _TableBuilder:
         self.difficult: list[np.ndarray] = []
         self.iscrowd: list[np.ndarray] = []
         self.stats: Counter = Counter()
+        self.missing_example = ""  # the first image path looked for and not found
+
+    def missing(self, path: str) -> None:
+        """Counts an annotated image whose file is not there (the first is named on failure)."""
+        self.stats["missing_image_files"] += 1
+        self.missing_example = self.missing_example or path
 
     def add(self, image_id: int, path: str, boxes, labels, difficult=None, iscrowd=None) -> None:
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
@@ -139,7 +145,9 @@ class _TableBuilder:
 
     def build(self, class_names: tuple[str, ...], *, what: str) -> Table:
         if not self.ids:
-            raise DataError(f"{what}: no usable images ({_describe(self.stats)})")
+            example = (f"; e.g. {self.missing_example} is not there"
+                       if self.missing_example else "")
+            raise DataError(f"{what}: no usable images ({_describe(self.stats)}){example}")
         cat = lambda xs, dt, shape: (np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt))
         return Table(
             class_names=tuple(class_names),
@@ -250,6 +258,23 @@ def _list_dir(path: str) -> set[str]:
     if not tf.io.gfile.isdir(path):
         raise FileNotFoundError(f"image folder not found: {path}")
     return set(tf.io.gfile.listdir(path))
+
+
+class _ImageFolder:
+    """Which relative file names exist under `root`, subfolders included ("train/0001.jpg", as
+    CVAT, Label Studio and other COCO exports write file_name): one listing per folder."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._listings = {"": _list_dir(root)}  # a missing root is an error of its own
+
+    def __contains__(self, name: str) -> bool:
+        folder, base = os.path.split(os.path.normpath(name))
+        if folder not in self._listings:
+            path = os.path.join(self.root, folder)
+            self._listings[folder] = set(tf.io.gfile.listdir(path)) \
+                if tf.io.gfile.isdir(path) else set()
+        return base in self._listings[folder]
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,7 +388,7 @@ def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> 
     cats = sorted(coco["categories"], key=lambda c: c["id"])
     cat_to_label = {c["id"]: i + 1 for i, c in enumerate(cats)}
     names = tuple(c["name"] for c in cats)
-    present = _list_dir(images_dir)
+    present = _ImageFolder(images_dir)
     per_image: dict[int, list[dict]] = {}
     for a in coco.get("annotations", []):
         per_image.setdefault(a["image_id"], []).append(a)
@@ -373,7 +398,7 @@ def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> 
     for img in coco["images"]:
         fname = img["file_name"]
         if fname not in present:
-            builder.stats["missing_image_files"] += 1
+            builder.missing(os.path.join(images_dir, fname))
             continue
         w, h = float(img.get("width") or 0), float(img.get("height") or 0)
         if w <= 0 or h <= 0:
@@ -494,7 +519,7 @@ def voc_xml_table(root: str, split: str, class_names: tuple[str, ...], *,
         if fname not in present:
             fname = stem + ".jpg"
         if fname not in present:
-            builder.stats["missing_image_files"] += 1
+            builder.missing(os.path.join(root, "JPEGImages", fname))
             continue
         image_path = os.path.join(root, "JPEGImages", fname)
         try:

@@ -1,8 +1,14 @@
 """Host-side image reading and the one resize used by both prediction and evaluation.
 
-  read_image(path_or_file)  image file -> uint8 [H,W,3] RGB (Pillow)
-  decode_image(data)        encoded bytes -> uint8 [H,W,3] RGB (Pillow)
+  read_image(path_or_file)  image file -> uint8 [H,W,3] RGB (Pillow), upright
+  decode_image(data)        encoded bytes -> uint8 [H,W,3] RGB (Pillow), upright
+  exif_orientation(data)    the EXIF orientation tag of encoded bytes (1 = as stored)
   resize(image, size)       uint8 [H,W,3] -> uint8 [size,size,3], bilinear
+
+Upright: a photo whose EXIF orientation tag says the camera was turned (every phone photo held
+upright: tag 6 or 8) is rotated / mirrored the way every viewer shows it (Pillow's
+`ImageOps.exif_transpose`), because that is the image annotation tools show and their boxes
+refer to.
 
 `resize` is bit-exact with TensorFlow's bilinear resize as the evaluation pipeline used to run it
 
@@ -22,9 +28,14 @@ import os
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-__all__ = ["decode_image", "decode_image_and_mode", "image_id_from_name", "read_image", "resize"]
+__all__ = ["decode_image", "decode_image_and_mode", "exif_orientation", "image_id_from_name",
+           "read_image", "resize"]
+
+#: EXIF orientation (tag 0x0112) values whose upright image swaps width and height.
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+_ORIENTATION_TAG = 0x0112
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -49,7 +60,25 @@ def read_image(path_or_file: str | os.PathLike | BinaryIO) -> np.ndarray:
     """
     with Image.open(path_or_file) as img:
         img.load()
-        return _to_rgb(img)
+        return _to_rgb(_upright(img))
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """`img` as viewers show it: rotated / mirrored by its EXIF orientation (if any)."""
+    if img.getexif().get(_ORIENTATION_TAG, 1) in (0, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1-8) of encoded image bytes; 1 when there is none or the data
+    cannot be read (only the header is parsed)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            value = int(img.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 (not an image: the decoder reports it)
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def decode_image_and_mode(data: bytes) -> tuple[np.ndarray, str]:
@@ -57,7 +86,7 @@ def decode_image_and_mode(data: bytes) -> tuple[np.ndarray, str]:
     "CMYK", "P", "I;16", ...); the input pipeline counts the images that were not RGB."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        return _to_rgb(img), img.mode
+        return _to_rgb(_upright(img)), img.mode
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -160,3 +160,42 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
                                        tf.uint8).numpy()
     np.testing.assert_array_equal(got, np.repeat(ref, 3, axis=-1) if ref.shape[-1] == 1 else ref)
     assert (got < 255).mean() > 0.9
+
+
+def _jpeg(pixels: np.ndarray, orientation: int | None) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+#: What a viewer does to the stored pixels for each EXIF orientation (the EXIF 2.3 spec's table).
+_UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1],
+            4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+            6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+            8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_photos_are_read_upright(orientation):
+    """A phone photo (stored sideways, EXIF orientation 6 or 8) was read sideways: its boxes fell
+    outside the picture. Every orientation is now applied as the EXIF table says, the same by
+    read_image, decode_image (evaluation, prediction) and the training decoder."""
+    from ssd_jax.data import pipeline
+    from ssd_jax.data.tf_compat import tf
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (36, 24, 3), dtype=np.uint8)
+    stored[:6] = (255, 0, 0)  # a red top band: where it lands tells the rotation
+    plain = image_lib.decode_image(_jpeg(stored, None))  # the same compressed pixels, no tag
+    data = _jpeg(stored, orientation)
+    want = _UPRIGHT[orientation](plain)
+    assert image_lib.exif_orientation(data) == orientation
+    np.testing.assert_array_equal(image_lib.decode_image(data), want)
+    np.testing.assert_array_equal(image_lib.read_image(io.BytesIO(data)), want)
+    train, _ = pipeline.decode_train_image(tf.constant(data))
+    if orientation == 1:  # untouched photos keep TensorFlow's fast decoder
+        np.testing.assert_array_equal(train.numpy(), tf.io.decode_jpeg(data, channels=3).numpy())
+    else:
+        np.testing.assert_array_equal(train.numpy(), want)

@@ -252,6 +252,12 @@ def _stats(**values: Any) -> dict[str, tf.Tensor]:
     return {f"stat_{k}": tf.cast(values.get(k, 0), tf.int32) for k in STAT_NAMES}
 
 
+def _bytes(b: Any) -> bytes:
+    """A scalar string tensor's value inside tf.numpy_function: bytes in a tf.data graph, a 0-d
+    object array when run eagerly (whose bytes() would be the array's buffer, not the string)."""
+    return b.item() if isinstance(b, np.ndarray) else bytes(b)
+
+
 def decode_image(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Encoded JPEG/PNG/GIF/BMP/WebP/TIFF -> (uint8 [H,W,3] RGB, bool: converted from another
     layout: grayscale, alpha, palette, CMYK, 16-bit).
@@ -264,7 +270,7 @@ def decode_image(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     from ssd_jax import image as image_lib
 
     def decode(b):
-        img, mode = image_lib.decode_image_and_mode(bytes(b))
+        img, mode = image_lib.decode_image_and_mode(_bytes(b))
         return img, np.bool_(mode != "RGB")
 
     rgb, converted = tf.numpy_function(decode, [data], [tf.uint8, tf.bool], stateful=False)
@@ -276,14 +282,23 @@ def decode_train_image(data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """`decode_image` for training: a baseline or progressive JPEG with 1 or 3 components (what
     photo datasets hold) is decoded by TensorFlow's own decoder, in the graph (no Python, no GIL:
     1473 against Pillow's 803 img/s on the 2-core CPU of the README); any other file (PNG, CMYK
-    JPEG, ...) goes through `decode_image`. The two JPEG decoders differ by a few levels per pixel,
-    noise under any augmentation, which is why only training uses this: evaluation and prediction
-    keep Pillow's pixels. Same contract and errors as `decode_image`.
+    JPEG, a photo with an EXIF orientation to apply, ...) goes through `decode_image`. The two
+    JPEG decoders differ by a few levels per pixel, noise under any augmentation, which is why
+    only training uses this: evaluation and prediction keep Pillow's pixels. Same contract and
+    errors as `decode_image`.
     """
+    from ssd_jax import image as image_lib
+
     def jpeg():
         components = tf.io.extract_jpeg_shape(data)[2]
+        # a photo with an EXIF orientation (a phone held upright) goes through Pillow, which
+        # turns it upright (TensorFlow's decoder ignores the tag); the header probe is Pillow's
+        orientation = tf.numpy_function(
+            lambda b: np.int32(image_lib.exif_orientation(_bytes(b))), [data], tf.int32,
+            stateful=False)
+        fast = ((components == 3) | (components == 1)) & (tf.reshape(orientation, []) == 1)
         return tf.cond(
-            (components == 3) | (components == 1),
+            fast,
             lambda: (tf.io.decode_jpeg(data, channels=3), components == 1),
             lambda: decode_image(data))
 

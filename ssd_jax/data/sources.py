@@ -456,12 +456,16 @@ def _normalized_warning(what: str, pixel_extent: float, sides: list[float], n: i
 
 
 def _image_size(path: str) -> tuple[float, float]:
-    """(width, height) from the image header, (0, 0) if unreadable."""
+    """(width, height) of the upright image (its EXIF orientation applied, as the decoders
+    do) from the image header, (0, 0) if unreadable."""
     from PIL import Image
+
+    from ssd_jax.image import TRANSPOSED_ORIENTATIONS
 
     try:
         with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as im:
-            return float(im.width), float(im.height)
+            w, h = float(im.width), float(im.height)
+            return (h, w) if im.getexif().get(0x0112, 1) in TRANSPOSED_ORIENTATIONS else (w, h)
     except Exception:  # noqa: BLE001 - any unreadable file is "no size"
         return 0.0, 0.0
 

@@ -58,6 +58,8 @@ def main(argv, config):
         batch = next(data.train_iterator(image_size=size, batch_size=FLAGS.num_images,
                                          max_boxes=config.max_boxes, seed=config.seed,
                                          start_step=FLAGS.step))
+        # the device mode ships canvases: augment them as the train step does
+        batch = train_lib.displayed_train_batch(config, batch, size)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     visualize.save_sample_grid(batch, info.class_names, FLAGS.out, max_images=FLAGS.num_images)
     print(f"wrote {FLAGS.out} ({FLAGS.num_images} {'eval' if FLAGS.eval else 'training'} images "

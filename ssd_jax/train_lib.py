@@ -202,8 +202,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.SSD,
     """A fresh state from `config.seed` (params float32; float64 with config.dtype=float64),
     optionally starting from `config.init_checkpoint` (e.g. the converted VGG16 backbone: leaves
     present there override)."""
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng = _run_keys(config.seed)
     size = model.prior_spec.image_size
     # Compiled without backend optimization: the init program (a random initializer per leaf)
     # runs once, and optimizing it took ~9 s of a 2-core CPU's startup (3 s unoptimized).
@@ -284,6 +283,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state)
     return new_state, metrics
+
+
+def _run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(init key, the run's key of TrainState.rng) from config.seed."""
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    return init_rng, state_rng
+
+
+def displayed_train_batch(config: ml_collections.ConfigDict, batch: dict[str, Any],
+                          image_size: int) -> dict[str, np.ndarray]:
+    """A batch of the training iterator as the model sees it: in the device mode
+    (config.dataset.augment_on_device) the host's canvases go through the train step's
+    augmentation with the run's key (`augment_on_device`), so a picture of it shows what step N
+    trains on; in the host mode the batch is already that."""
+    if not config.dataset.augment_on_device:
+        return batch
+    rng = jax.random.key_data(_run_keys(config.seed)[1])
+    out = jax.device_get(augment_on_device(batch, rng, config, image_size))
+    return {**{k: v for k, v in batch.items() if k not in ("image_size", "index")}, **out}
 
 
 def augment_on_device(batch: dict[str, jax.Array], rng: jax.Array,

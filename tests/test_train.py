@@ -385,3 +385,27 @@ def test_a_fresh_vgg16_run_without_a_backbone_checkpoint_is_warned():
     assert train_lib.pretrained_backbone_hint(config, resuming=False) is None
     default = importlib.import_module("experiments.configs.default").get_config()
     assert train_lib.pretrained_backbone_hint(default, resuming=False) is None  # from scratch
+
+
+def test_show_data_in_the_device_mode_draws_what_the_step_trains_on():
+    """ssd-show-data with augment_on_device drew the raw canvas (image top-left on black, boxes
+    scaled to the canvas); it now augments the canvases with the run's key, as the train step
+    does with TrainState.rng."""
+    from ssd_jax.data import pipeline
+
+    config = tiny_config()
+    config.dataset.augment_on_device = True
+    config.dataset.augment_expand = config.dataset.augment_crop = True
+    info = pipeline.get_dataset_info(config.dataset)
+    model = train_lib.create_model(config, info.num_classes)
+    size = model.prior_spec.image_size
+    it = pipeline.create_train_iterator(config.dataset, image_size=size, batch_size=4,
+                                        max_boxes=config.max_boxes, seed=0)
+    batch = next(it)
+    assert batch["image"].shape[1] == config.dataset.canvas_size != size  # canvases
+    shown = train_lib.displayed_train_batch(config, batch, size)
+    assert shown["image"].shape == (4, size, size, 3) and set(shown) >= {"boxes", "labels"}
+    state = train_lib.create_train_state(config, model, train_lib.create_optimizer(config))
+    trained = jax.device_get(train_lib.augment_on_device(batch, state.rng, config, size))
+    for k in ("image", "boxes", "labels"):
+        np.testing.assert_array_equal(shown[k], trained[k])

@@ -513,8 +513,14 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict)
     value differs (fields the saved run did not have are not compared)."""
     import json
 
+    from ssd_jax.data.sources import PATH_FIELDS, normalize_path
+
     old = _flatten(saved)
     new = _flatten(json.loads(config.to_json_best_effort()))
+    for name in PATH_FIELDS:  # 'coco/val/' and '/abs/coco/val' name one folder
+        for values in (old, new):
+            if isinstance(values.get(f"dataset.{name}"), str):
+                values[f"dataset.{name}"] = normalize_path(values[f"dataset.{name}"])
     diffs = []
     for key in sorted(old):
         if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
@@ -693,8 +699,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """
     from clu import metric_writers  # imports TensorFlow: keep the module importable without it
 
-    from ssd_jax.data import pipeline
+    from ssd_jax.data import pipeline, sources
 
+    config = config.copy_and_resolve_references()  # the caller's config stays as it was
+    sources.resolve_paths(config.dataset)  # run_info.json holds paths valid from any folder
     validate_config(config)
     workdir = os.path.abspath(workdir)
     check_workdir(workdir, config)

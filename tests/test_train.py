@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import logging
 import os
 import signal
@@ -409,3 +410,26 @@ def test_show_data_in_the_device_mode_draws_what_the_step_trains_on():
     trained = jax.device_get(train_lib.augment_on_device(batch, state.rng, config, size))
     for k in ("image", "boxes", "labels"):
         np.testing.assert_array_equal(shown[k], trained[k])
+
+
+def test_dataset_paths_are_one_folder_however_typed(tmp_path, monkeypatch):
+    """Resuming with 'coco/val' where the run was started with 'coco/val/' (or with the absolute
+    path) was refused as another config; paths are compared normalized and stored absolute."""
+    from ssd_jax.data import sources
+
+    monkeypatch.chdir(tmp_path)
+    saved = default.get_config()
+    saved.dataset.kind = "coco_json"
+    saved.dataset.eval_images = "coco/val/"
+    now = saved.copy_and_resolve_references()
+    as_saved = json.loads(saved.to_json_best_effort())  # what run_info.json holds
+    for typed in ("coco/val", str(tmp_path / "coco" / "val"), "./coco/../coco/val"):
+        now.dataset.eval_images = typed
+        assert train_lib.config_differences(as_saved, now) == [], typed
+    now.dataset.eval_images = "coco/train"
+    assert train_lib.config_differences(as_saved, now) == [
+        f"dataset.eval_images: {str(tmp_path / 'coco/val')!r} in the workdir, "
+        f"{str(tmp_path / 'coco/train')!r} now"]
+    sources.resolve_paths(saved.dataset)
+    assert saved.dataset.eval_images == str(tmp_path / "coco" / "val")
+    assert saved.dataset.train_images == "" and sources.normalize_path("gs://b/x/") == "gs://b/x/"

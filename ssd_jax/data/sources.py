@@ -254,6 +254,27 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
                 raise ConfigError(f"config.dataset.{split}={field(cfg, split)!r}: {path} not found")
 
 
+#: config.dataset fields that name files or folders: stored absolute and normalized, so a run
+#: is found again (resume, evaluate, predict) from any folder and however the path was typed.
+PATH_FIELDS = ("data_dir", "cache_dir", "train_annotations", "train_images", "eval_annotations",
+               "eval_images", "root")
+
+
+def normalize_path(path: str) -> str:
+    """`path` absolute and normalized (no trailing slash, no `..`); "" and URLs (gs://...) as
+    they are."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(cfg: Any) -> None:
+    """Every PATH_FIELDS entry of config.dataset `cfg`, in place, by `normalize_path`."""
+    for name in PATH_FIELDS:
+        if name in cfg and isinstance(cfg[name], str):
+            cfg[name] = normalize_path(cfg[name])
+
+
 def _list_dir(path: str) -> set[str]:
     if not tf.io.gfile.isdir(path):
         raise FileNotFoundError(f"image folder not found: {path}")

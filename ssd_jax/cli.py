@@ -525,8 +525,8 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
 
 
 def _unknown_flag_hint(e: flags.Error, config_spec: str | None, configs_dir: str | None) -> str:
-    """For `--batch_size=4`: '; batch_size is a config field: --config.batch_size=...' when the
-    unknown flag names a field of the config in use (else "")."""
+    """For `--batch_size=4`: '; it is a config field: --config.batch_size=...' when the unknown
+    flag names a field of the config in use (else "")."""
     name = getattr(e, "flagname", None)
     if not name or configs_dir is None or config_spec is None:
         return ""

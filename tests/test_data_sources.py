@@ -260,6 +260,24 @@ def test_unusable_dataset_is_a_clear_error(cfg, words):
         pipeline.get_dataset_info(dataset_config(**cfg))
 
 
+def test_a_tfds_folder_without_prepared_data_is_one_line_and_writes_nothing(tmp_path):
+    """issue 33, item 8: TFDS's AssertionError was a 41-line traceback, and ssd-train left
+    checkpoints/ and train.log in the new workdir."""
+    from ssd_jax import train_lib
+    from experiments.configs import ssd300_voc
+
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    cfg = dataset_config(kind="tfds", name="voc/2007", data_dir=str(empty))
+    with pytest.raises(ConfigError, match=r"holds no prepared 'voc/2007'.*tfds build voc/2007"):
+        pipeline.get_dataset_info(cfg)
+    config = ssd300_voc.get_config()
+    config.dataset.data_dir = str(empty)
+    with pytest.raises(ConfigError, match="holds no prepared"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not list((tmp_path / "run").iterdir())
+
+
 def test_a_dataset_config_missing_a_field_names_it():
     fields = dataset_config().to_dict()
     del fields["image_size"]

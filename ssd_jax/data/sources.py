@@ -687,6 +687,7 @@ def tfds_source(cfg: Any) -> TfdsSource:
             builder = tfds.builder(n, data_dir=data_dir)
         except Exception as e:  # noqa: BLE001 - tfds raises several types for unknown names
             raise ConfigError(f"config.dataset.name: unknown TFDS dataset {n!r} ({e})") from None
+        _check_prepared(builder, n, data_dir, [field(cfg, f"{s}_split") for s in ("train", "eval")])
         feat = builder.info.features["objects"]["label"]
         names_n = tuple(feat.names)
         if class_names is not None and names_n != class_names:
@@ -694,6 +695,24 @@ def tfds_source(cfg: Any) -> TfdsSource:
         class_names = names_n
         builders.append(builder)
     return TfdsSource(names, data_dir, class_names, tuple(builders))
+
+
+def _check_prepared(builder: Any, name: str, data_dir: str | None, splits: list[str]) -> None:
+    """A ConfigError naming the folder and the `tfds build` command when `data_dir` holds no
+    prepared `name` (TFDS's own AssertionError is a 40-line traceback), or naming the splits it
+    has when a configured split is not one of them. `as_dataset` only opens the file list."""
+    for split in splits:
+        try:
+            builder.as_dataset(split=split)
+        except AssertionError:
+            raise ConfigError(
+                f"config.dataset.data_dir={data_dir!r} holds no prepared {name!r} (looked for "
+                f"{builder.data_path}); prepare it once with `tfds build {name} "
+                f"--data_dir={data_dir}`") from None
+        except (ValueError, KeyError) as e:
+            have = ", ".join(sorted(builder.info.splits)) or "none"
+            raise ConfigError(f"TFDS {name!r} has no split {split!r} (config.dataset.*_split; "
+                              f"its splits: {have}): {e}") from None
 
 
 def category_ids_of(class_names: tuple[str, ...], tfds_names: tuple[str, ...] = ()) -> tuple[int, ...]:

@@ -263,8 +263,8 @@ def test_unusable_dataset_is_a_clear_error(cfg, words):
 def test_a_tfds_folder_without_prepared_data_is_one_line_and_writes_nothing(tmp_path):
     """issue 33, item 8: TFDS's AssertionError was a 41-line traceback, and ssd-train left
     checkpoints/ and train.log in the new workdir."""
-    from ssd_jax import train_lib
     from experiments.configs import ssd300_voc
+    from ssd_jax import train_lib
 
     empty = tmp_path / "tfds"
     empty.mkdir()

@@ -341,3 +341,58 @@ def test_coco_file_names_with_a_subfolder(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(ann))
     with pytest.raises(DataError, match=r"missing_image_files.*e\.g\. .*images/val/0\.jpg is not there"):
         pipeline.InputPipeline(dataset_config(**f)).info()
+
+
+def _exif_jpeg(path, pixels: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, "JPEG", quality=95, exif=exif)
+
+
+def test_declared_sizes_that_are_not_the_upright_pixels_are_skipped_and_named(tmp_path):
+    """issue 33, item 1: a phone photo stored 200x300 with EXIF orientation 6 shows (and is now
+    decoded) 300x200. Declared 300x200 (drawn on the upright photo): kept, boxes normalized by
+    it. Declared 200x300 (drawn on the stored pixels, without the rotation): its boxes would be
+    applied to the wrong orientation, so the image is skipped, counted and named; the same for a
+    VOC <size>. Before, the declared size was used without looking at the pixels."""
+    from ssd_jax.data import pipeline, sources
+
+    f = _folder(tmp_path, [[30.0, 60.0, 90.0, 120.0]])
+    stored = np.full((300, 200, 3), 120, np.uint8)  # rows x cols: 200 wide, 300 high
+    _exif_jpeg(tmp_path / "images" / "1.jpg", stored, 6)  # upright: 300 wide, 200 high
+    _exif_jpeg(tmp_path / "images" / "2.jpg", stored, 6)
+    ann = json.loads((tmp_path / "a.json").read_text())
+    ann["images"][1].update(width=300, height=200)  # the upright size: right
+    ann["images"][2].update(width=200, height=300)  # the stored pixels' size: boxes sideways
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    table = sources.coco_json_table(f["train_annotations"], f["train_images"], keep_crowd=False)
+    assert table.stats["images_size_mismatch_skipped"] == 1
+    assert [os.path.basename(p) for p in table.paths] == ["0.jpg", "1.jpg"]
+    np.testing.assert_allclose(table.boxes[1], [30 / 300, 60 / 200, 120 / 300, 180 / 200],
+                               rtol=1e-6)
+    (warning,) = table.warnings
+    assert "1 images skipped" in warning and "2.jpg: declared 200x300, upright pixels 300x200" \
+        in warning and "EXIF rotation" in warning
+    data = pipeline.InputPipeline(dataset_config(**f))
+    data.info()
+    assert any("2.jpg: declared 200x300" in w for w in data.warnings)
+    # every image mismatched: the error names one
+    for img in ann["images"]:
+        img.update(width=100, height=100)
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    with pytest.raises(DataError, match=r"images_size_mismatch_skipped=3.*declared 100x100"):
+        sources.coco_json_table(f["train_annotations"], f["train_images"], keep_crowd=False)
+    # VOC: <size> is the declared size
+    voc = tmp_path / "voc"
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / d).mkdir(parents=True)
+    for stem, (w, h) in {"a": (300, 200), "b": (200, 300)}.items():
+        _exif_jpeg(voc / "JPEGImages" / f"{stem}.jpg", stored, 6)
+        (voc / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename><size><width>{w}</width><height>{h}"
+            "</height></size><object><name>thing</name><bndbox><xmin>31</xmin><ymin>61</ymin>"
+            "<xmax>120</xmax><ymax>180</ymax></bndbox></object></annotation>")
+    (voc / "ImageSets/Main/train.txt").write_text("a\nb\n")
+    table = sources.voc_xml_table(str(voc), "train", ("thing",))
+    assert table.stats["images_size_mismatch_skipped"] == 1 and len(table.paths) == 1
+    assert "b.jpg: declared 200x300" in table.warnings[0]

@@ -115,6 +115,41 @@ class _TableBuilder:
         self.iscrowd: list[np.ndarray] = []
         self.stats: Counter = Counter()
         self.missing_example = ""  # the first image path looked for and not found
+        self.size_mismatch_example = ""  # the first image whose pixels are not its declared size
+
+    def image_size(self, path: str, width: float, height: float) -> tuple[float, float] | None:
+        """(width, height) to normalize the image's boxes by: the declared size when the file's
+        upright pixels have it (1 px of rounding allowed) or cannot be read from its header
+        (decoding then fails or not at run time, counted there), the file's own when nothing is
+        declared (None: unreadable, counted). None and counted (`images_size_mismatch_skipped`)
+        when the pixels are another size: boxes drawn on other pixels than the ones trained on
+        land in the wrong place (a declared 180x240 where the upright photo is 240x180 means the
+        annotation tool drew on the photo without its EXIF rotation). Reads every image's header
+        (0.03-0.09 ms each on the README's CPU: ~4-11 s for COCO's 118k)."""
+        real_w, real_h = _image_size(path)
+        if width <= 0 or height <= 0:
+            if real_w <= 0:
+                self.stats["undecodable_images_skipped"] += 1
+                return None
+            return real_w, real_h
+        if real_w > 0 and (abs(real_w - width) > 1 or abs(real_h - height) > 1):
+            self.stats["images_size_mismatch_skipped"] += 1
+            if not self.size_mismatch_example:
+                self.size_mismatch_example = (
+                    f"{path}: declared {width:g}x{height:g}, upright pixels {real_w:g}x{real_h:g}")
+            return None
+        return width, height
+
+    def size_warnings(self, what: str) -> list[str]:
+        n = self.stats["images_size_mismatch_skipped"]
+        if not n:
+            return []
+        return [f"{what}: {n} images skipped whose pixels are not the width x height the "
+                f"annotations declare, so their boxes would land in the wrong place (first: "
+                f"{self.size_mismatch_example}). A transposed size means the annotation tool drew "
+                "on the photo without its EXIF rotation, which every viewer and ssd_jax apply: "
+                "annotate the upright image (or strip the EXIF orientation from the files the "
+                "annotations were drawn on)"]
 
     def missing(self, path: str) -> None:
         """Counts an annotated image whose file is not there (the first is named on failure)."""
@@ -145,8 +180,9 @@ class _TableBuilder:
 
     def build(self, class_names: tuple[str, ...], *, what: str) -> Table:
         if not self.ids:
-            example = (f"; e.g. {self.missing_example} is not there"
-                       if self.missing_example else "")
+            example = (f"; e.g. {self.missing_example} is not there" if self.missing_example
+                       else f"; e.g. {self.size_mismatch_example}" if self.size_mismatch_example
+                       else "")
             raise DataError(f"{what}: no usable images ({_describe(self.stats)}){example}")
         cat = lambda xs, dt, shape: (np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt))
         return Table(
@@ -421,12 +457,11 @@ def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> 
         if fname not in present:
             builder.missing(os.path.join(images_dir, fname))
             continue
-        w, h = float(img.get("width") or 0), float(img.get("height") or 0)
-        if w <= 0 or h <= 0:
-            w, h = _image_size(os.path.join(images_dir, fname))
-            if w <= 0:
-                builder.stats["undecodable_images_skipped"] += 1
-                continue
+        size = builder.image_size(os.path.join(images_dir, fname),
+                                  float(img.get("width") or 0), float(img.get("height") or 0))
+        if size is None:
+            continue
+        w, h = size
         boxes, labels, crowd = [], [], []
         for a in per_image.get(img["id"], []):
             bbox = a.get("bbox", ())
@@ -452,6 +487,7 @@ def _coco_json_table(annotations: str, images_dir: str, *, keep_crowd: bool) -> 
     table.category_ids = tuple(int(c["id"]) for c in cats)
     table.warnings += _normalized_warning(annotations, pixel_extent, widths, len(table.labels))
     table.warnings += _corners_warning(annotations, n_boxes, n_past_edge, n_as_corners)
+    table.warnings += builder.size_warnings(annotations)
     return table
 
 
@@ -483,8 +519,9 @@ def _image_size(path: str) -> tuple[float, float]:
 
     from ssd_jax.image import TRANSPOSED_ORIENTATIONS
 
+    opener = tf.io.gfile.GFile if "://" in path else open  # open: 3x faster for local files
     try:
-        with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as im:
+        with opener(path, "rb") as f, Image.open(f) as im:
             w, h = float(im.width), float(im.height)
             return (h, w) if im.getexif().get(0x0112, 1) in TRANSPOSED_ORIENTATIONS else (w, h)
     except Exception:  # noqa: BLE001 - any unreadable file is "no size"
@@ -552,11 +589,10 @@ def voc_xml_table(root: str, split: str, class_names: tuple[str, ...], *,
             h = float(tree.findtext("size/height") or 0)
         except ValueError:
             w = h = 0.0
-        if w <= 0 or h <= 0:
-            w, h = _image_size(image_path)
-            if w <= 0:
-                builder.stats["undecodable_images_skipped"] += 1
-                continue
+        size = builder.image_size(image_path, w, h)
+        if size is None:
+            continue
+        w, h = size
         boxes, labels, difficult = [], [], []
         for obj in tree.iter("object"):
             name = (obj.findtext("name") or "").strip()
@@ -583,6 +619,7 @@ def voc_xml_table(root: str, split: str, class_names: tuple[str, ...], *,
     table.category_ids = tuple(range(1, len(class_names) + 1))
     table.warnings += _normalized_warning(f"{root} split {split}", pixel_extent, sides,
                                           len(table.labels))
+    table.warnings += builder.size_warnings(f"{root} split {split}")
     return table
 
 

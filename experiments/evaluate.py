@@ -2,11 +2,15 @@
 
     python -m experiments.evaluate --workdir=RUN_DIR [--out=EVAL_DIR] [--step=N] [--metric=coco]
     python -m experiments.evaluate --workdir=RUN_DIR --split=test   # synthetic: the held-out split
+    python -m experiments.evaluate --workdir=RUN_DIR --config.dataset.eval_annotations=PATH
+        --config.dataset.eval_images=DIR     # the run's data, moved (fields of the run's config)
     python -m experiments.evaluate --workdir=RUN_DIR --config=ssd300_voc
         --config.dataset.data_dir=DIR        # another dataset/split (same classes)
+    python -m experiments.evaluate --workdir=RUN_DIR --print_config   # the run's config
 
-With --config, only that config's `dataset` and `max_boxes` are used (the model, detect settings
-and metric stay the run's; --metric and --batch_size change those).
+Without --config, --config.FIELD=VALUE overrides the run's own config (run_info.json). Only the
+config's `dataset` and `max_boxes` are used (the model, detect settings and metric stay the
+run's; --metric and --batch_size change those).
 
 The evaluation is the training loop's (`ssd_jax.inference.evaluate_run`: the same shard_mapped
 eval step, eval batches and `evaluation.Evaluator`), so it reports the mAP training reported for
@@ -78,7 +82,16 @@ def main(argv: Sequence[str], config: Any) -> None:
 def run() -> None:
     """The `ssd-evaluate` console script."""
     define_flags()
-    cli.run(main, configs_dir=CONFIGS, default_config=None)
+    cli.run(main, configs_dir=CONFIGS, default_config=None, run_config=_run_config)
+
+
+def _run_config() -> Any:
+    """The run's own config, for --config.FIELD=VALUE without --config and --print_config."""
+    from ssd_jax import inference
+
+    if not FLAGS.workdir:
+        raise UserError("--workdir is required (--help lists the flags)")
+    return inference.read_run_config(FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -395,12 +395,16 @@ def prefer_eigen_convolutions() -> bool:
 
 
 def run(main: Callable[..., Any], *, configs_dir: str | None = None,
-        default_config: str | None = None, argv: Sequence[str] | None = None) -> None:
+        default_config: str | None = None, argv: Sequence[str] | None = None,
+        run_config: Callable[[], Any] | None = None) -> None:
     """`absl.app.run(main)` with the behaviour of the module docstring.
 
     With `configs_dir`, the command takes ``--config`` (default `default_config`, a name or None
     for "no config") and `main(argv, config)` receives the loaded ConfigDict (or None); else
-    `main(argv)`.
+    `main(argv)`. `run_config` (commands that read a run, default_config None): called after the
+    flags are parsed, it returns the run's own config, which `--config.FIELD=VALUE` without
+    `--config` then overrides (main receives it; without overrides None) and `--print_config`
+    prints.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     keep_freed_memory()
@@ -462,7 +466,24 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         if configs_dir is None:
             return remaining
         spec = spec if spec is not None else FLAGS.config
+        default_path = os.path.join(configs_dir, f"{default_config or 'default'}.py")
+        others = [os.path.join(configs_dir, n + ".py") for n in config_names(configs_dir)]
         if spec is None:
+            if (overrides or FLAGS.print_config) and run_config is not None:
+                try:  # the run's own config, overridden field by field
+                    config = run_config()
+                    for field, text in overrides:
+                        apply_override(config, field, text)
+                except USER_ERRORS as e:
+                    if debug:
+                        raise
+                    fail(_message(e), 2)
+                if FLAGS.print_config:
+                    print("# the run's config (run_info.json), after overrides\n" +
+                          format_config(config, config_comments(default_path, *others)))
+                    sys.exit(0)
+                loaded["config"] = config
+                return remaining
             if overrides:
                 fail(f"--config.{overrides[0][0]} given without --config", 2)
             if FLAGS.print_config:
@@ -481,8 +502,6 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
             fail(str(e), 2)
         FLAGS.config = path
         if FLAGS.print_config:
-            default_path = os.path.join(configs_dir, f"{default_config or 'default'}.py")
-            others = [os.path.join(configs_dir, n + ".py") for n in config_names(configs_dir)]
             print(f"# {path}\n" + format_config(config, config_comments(path, default_path, *others)))
             sys.exit(0)
         loaded["config"] = config

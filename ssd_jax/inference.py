@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ssd_jax import image as image_lib
-from ssd_jax.errors import CheckpointMismatchError, UserError
+from ssd_jax.errors import CheckpointMismatchError, ConfigError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -72,14 +72,10 @@ class Run:
     workdir: str
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-    """The run in `workdir` at its latest checkpoint (or `step`), checked to fit its model.
-
-    Raises UserError naming what is missing (not a workdir, no checkpoint, no such step) and
-    CheckpointMismatchError when the checkpoint does not fit the model of run_info.json.
-    """
+def read_run_config(workdir: str) -> Any:
+    """The config a training run in `workdir` was trained with (its run_info.json), as a
+    ConfigDict; UserError when `workdir` is not a run's."""
     import ml_collections
-    import orbax.checkpoint as ocp
 
     from ssd_jax import train_lib
 
@@ -89,7 +85,21 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if info is None:
         raise UserError(f"--workdir={workdir} is not a training workdir of ssd_jax (no "
                         f"{train_lib.RUN_INFO}); give the --workdir a training run wrote")
-    config = ml_collections.ConfigDict(info["config"])
+    return ml_collections.ConfigDict(info["config"])
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """The run in `workdir` at its latest checkpoint (or `step`), checked to fit its model.
+
+    Raises UserError naming what is missing (not a workdir, no checkpoint, no such step) and
+    CheckpointMismatchError when the checkpoint does not fit the model of run_info.json.
+    """
+    import orbax.checkpoint as ocp
+
+    from ssd_jax import train_lib
+
+    config = read_run_config(workdir)
+    info = train_lib.read_run_info(workdir)
     num_classes = int(info["num_classes"])
     model = train_lib.create_model(config, num_classes, axis_name=None)
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -520,6 +530,26 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _moved_data_error(e: ConfigError, run: Run) -> ConfigError:
+    """`e` about a dataset path of the run's own config, said as one: the path came from
+    run_info.json, and how to give the data's place now."""
+    import re
+
+    from ssd_jax.data import sources
+
+    m = re.match(r"config\.dataset\.(\w+)=", str(e))
+    if m is None or m.group(1) not in sources.PATH_FIELDS:
+        return e
+    name, path = m.group(1), str(run.config.dataset[m.group(1)])
+    where = ("a relative path, read from the folder the run was started in (runs store "
+             "absolute paths since 2026-12)" if not os.path.isabs(path) and "://" not in path
+             else "the data has moved since")
+    return ConfigError(
+        f"{e}: the path is the run's ({os.path.join(run.workdir, 'run_info.json')}), {where}. "
+        f"Give the data's place now: --config.dataset.{name}=PATH on the ssd-evaluate command "
+        f"line, or evaluate_run(run, dataset_config=...) with it")
+
+
 def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int | None = None,
                  metric: str | None = None, batch_size: int | None = None,
                  progress: bool = True, split: str = "eval") -> dict[str, Any]:
@@ -549,7 +579,10 @@ def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int 
         if batch_size is not None:
             config.eval_batch_size = int(batch_size)
     train_lib.validate_config(config, purpose="eval")
-    data = pipeline.InputPipeline(config.dataset, splits=("eval",))
+    try:
+        data = pipeline.InputPipeline(config.dataset, splits=("eval",))
+    except ConfigError as e:
+        raise _moved_data_error(e, run) if dataset_config is None else e from None
     if split not in ("eval", "test"):
         raise ValueError(f"split must be 'eval' or 'test', got {split!r}")
     if split == "test":

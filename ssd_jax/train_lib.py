@@ -798,7 +798,9 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
     last_eval: dict[str, Any] = {}
 
     def report_input(step: int) -> None:
-        writer.write_scalars(step, {f"input/{k}": v for k, v in data.stats.items()})
+        writer.write_scalars(step, {f"input/{split}/{k}": v
+                                    for split, counts in data.split_stats.items()
+                                    for k, v in counts.items()})
         logging.info("input at step %d: %s", step, data.summary())
 
     def run_eval(step: int) -> dict[str, Any]:

@@ -293,7 +293,7 @@ def test_in_memory_images_take_the_file_path_s_examples_and_seeds(tmp_path):
             def source(self, split):
                 return self.table
 
-            def count(self, counts):
+            def count(self, counts, split):
                 pass
 
         evals.append(list(pipeline._make_eval_iterator(

@@ -87,7 +87,8 @@ class InputPipeline:
         sources.validate_dataset_config(dataset_cfg, splits)
         self.cfg = dataset_cfg
         self.splits = tuple(splits)  # ("eval",): evaluation of a checkpoint, no training data
-        self.stats: Counter = Counter()
+        self.stats: Counter = Counter()  # all splits together
+        self.split_stats: dict[str, Counter] = {}  # per split: 'train', 'eval', 'test'
         self.warnings: list[str] = []
         self._lock = threading.Lock()
         self._sources: dict[str, sources.Table | sources.TfdsSource] = {}
@@ -134,25 +135,29 @@ class InputPipeline:
             src = sources.load_source(self.cfg, split, job=self._jobs.pop(split, None),
                                       store_size=self._store_sizes.get(split))
             if isinstance(src, sources.Table):
-                self.count(src.stats)
+                self.count(src.stats, split)
                 for w in src.warnings:
                     logging.warning("%s", w)
                 self.warnings += src.warnings
             self._sources[key] = src
         return self._sources[key]
 
-    def count(self, counts: dict[str, int]) -> None:
-        """Add repair/skip counts (thread-safe: tf.data iterators report from their threads)."""
+    def count(self, counts: dict[str, int], split: str) -> None:
+        """Add `split`'s repair/skip counts (thread-safe: tf.data iterators report from their
+        threads)."""
         counts = {k: int(v) for k, v in counts.items() if v}
         if counts:
             with self._lock:
                 self.stats.update(counts)
+                self.split_stats.setdefault(split, Counter()).update(counts)
 
     def summary(self) -> str:
-        """One line: every repair and skip counted so far, or 'nothing repaired or skipped'."""
+        """One line: every repair and skip counted so far, split by split ('train: boxes_clipped
+        3; eval: missing_image_files 1'), or 'nothing repaired or skipped'."""
         with self._lock:
-            items = sorted((k, v) for k, v in self.stats.items() if v)
-        return ", ".join(f"{k} {v}" for k, v in items) or "nothing repaired or skipped"
+            parts = [f"{split}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v)
+                     for split, c in self.split_stats.items() if any(c.values())]
+        return "; ".join(parts) or "nothing repaired or skipped"
 
     def info(self) -> DatasetInfo:
         """Classes, ids and sizes of the dataset (num_eval None if unknown)."""
@@ -193,7 +198,7 @@ class InputPipeline:
         ds = self.train_dataset(image_size=image_size, batch_size=batch_size,
                                 max_boxes=max_boxes, seed=seed, start_step=start_step,
                                 process_index=process_index, process_count=process_count)
-        return _StatsIterator(ds, self)
+        return _StatsIterator(ds, self, "train")
 
     def train_dataset(self, *, image_size: int, batch_size: int, max_boxes: int, seed: int,
                       start_step: int = 0, process_index: int = 0,
@@ -545,10 +550,11 @@ class _StatsIterator:
     """Iterates a batched dataset as numpy dicts, moving stat_* fields into `.stats` and the
     owning pipeline's `stats`."""
 
-    def __init__(self, ds: tf.data.Dataset, owner: InputPipeline):
+    def __init__(self, ds: tf.data.Dataset, owner: InputPipeline, split: str):
         self.dataset = ds
         self._it = ds.as_numpy_iterator()
         self._owner = owner
+        self._split = split
         self.stats: Counter = Counter()
 
     def __iter__(self) -> _StatsIterator:
@@ -558,7 +564,7 @@ class _StatsIterator:
         batch = next(self._it)
         counts = _pop_stats(batch)
         self.stats.update({k: v for k, v in counts.items() if v})
-        self._owner.count(counts)
+        self._owner.count(counts, self._split)
         return batch
 
 
@@ -577,9 +583,10 @@ class EvalIterator:
     """
 
     def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int,
-                 owner: InputPipeline):
+                 owner: InputPipeline, split: str):
         self.dataset = dataset
         self._owner = owner
+        self._split = split
         self._counted = False  # the owner's stats count the eval images once, not once per pass
         self.num_batches = num_batches
         self.num_examples = num_examples  # images assigned to this host
@@ -594,7 +601,7 @@ class EvalIterator:
             counts = _pop_stats(batch)
             self.stats.update({k: v for k, v in counts.items() if v})
             if not self._counted:
-                self._owner.count(counts)
+                self._owner.count(counts, self._split)
             yield batch
         self._counted = True
 
@@ -608,11 +615,12 @@ def _make_eval_iterator(data: InputPipeline, *, image_size: int, batch_size: int
     src = data.source(split)
     b, size, m = int(batch_size), int(image_size), int(max_boxes)
     if isinstance(src, sources.TfdsSource):
-        split = sources.field(data.cfg, "eval_split")
-        total = src.num_examples(split, count=True)
-        examples = src.dataset(split, process_index=process_index, process_count=process_count,
-                               keep_crowd=True)
-        local = src.num_examples(_host_split(split, process_index, process_count), count=True)
+        tfds_split = sources.field(data.cfg, "eval_split")
+        total = src.num_examples(tfds_split, count=True)
+        examples = src.dataset(tfds_split, process_index=process_index,
+                               process_count=process_count, keep_crowd=True)
+        local = src.num_examples(_host_split(tfds_split, process_index, process_count),
+                                 count=True)
         load = _decode_tfds
     else:
         t = _TableTF(src)
@@ -656,7 +664,7 @@ def _make_eval_iterator(data: InputPipeline, *, image_size: int, batch_size: int
                                  num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
     ds = ds.take(num_batches * b).batch(b, drop_remainder=True).prefetch(AUTOTUNE)
-    return EvalIterator(ds.with_options(_options()), num_batches, local, data)
+    return EvalIterator(ds.with_options(_options()), num_batches, local, data, split)
 
 
 def _host_split(split: str, process_index: int, process_count: int) -> str:

@@ -578,8 +578,8 @@ def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int 
             config.metric = metric
         if batch_size is not None:
             config.eval_batch_size = int(batch_size)
-    train_lib.validate_config(config, purpose="eval")
     try:
+        train_lib.validate_config(config, purpose="eval")
         data = pipeline.InputPipeline(config.dataset, splits=("eval",))
     except ConfigError as e:
         raise _moved_data_error(e, run) if dataset_config is None else e from None

@@ -398,3 +398,42 @@ def test_declared_sizes_that_are_not_the_upright_pixels_are_skipped_and_named(tm
     table = sources.voc_xml_table(str(voc), "train", ("thing",))
     assert table.stats["images_size_mismatch_skipped"] == 1 and len(table.paths) == 1
     assert "b.jpg: declared 200x300" in table.warnings[0]
+
+
+@pytest.mark.slow
+def test_evaluate_a_run_whose_data_moved(user_run, tmp_path):
+    """issue 33, item 6: a run read where its data is not (moved, or an old run's relative
+    path) said only "config.dataset.eval_annotations='coco/val.json': no such file". Now the
+    message says the path is the run's and how to give the new place; --config.FIELD=VALUE
+    without --config overrides the run's own config (it needed --config=default before), and
+    --print_config prints the run's config. The evaluation on the moved data equals the
+    evaluation of the run where its data was."""
+    import shutil
+
+    work, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(user_run["work"], work)
+    shutil.copytree(os.path.join(user_run["root"], "val"), moved / "val")
+    shutil.copy(os.path.join(user_run["root"], "val.json"), moved / "val.json")
+    info = json.loads((work / "run_info.json").read_text())
+    info["config"]["dataset"]["eval_annotations"] = "data/val.json"  # an old run: relative
+    info["config"]["dataset"]["eval_images"] = "data/val"
+    (work / "run_info.json").write_text(json.dumps(info))
+    refused = _run("experiments.evaluate", f"--workdir={work}", cwd=str(tmp_path))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "config.dataset.eval_annotations='data/val.json'" in refused.stderr
+    assert f"the path is the run's ({work}/run_info.json), a relative path" in refused.stderr
+    assert "--config.dataset.eval_annotations=PATH" in refused.stderr
+    printed = _run("experiments.evaluate", f"--workdir={work}", "--print_config",
+                   f"--config.dataset.eval_images={moved}/val", cwd=str(tmp_path))
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert "dataset.eval_annotations = 'data/val.json'" in printed.stdout
+    assert f"dataset.eval_images = '{moved}/val'" in printed.stdout
+    assert "num_train_steps = 60" in printed.stdout  # the run's, not the default's
+    evaluate = _run("experiments.evaluate", f"--workdir={work}", "--metric=coco",
+                    f"--config.dataset.eval_annotations={moved}/val.json",
+                    f"--config.dataset.eval_images={moved}/val", f"--out={tmp_path}/eval",
+                    cwd=str(tmp_path))
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    got = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    want = json.loads(pathlib.Path(user_run["cwd"], "eval", "metrics.json").read_text())
+    assert got["AP"] == want["AP"] > 0

@@ -264,3 +264,26 @@ def test_torchvision_checkpoint_matches_torchvision_eval_detections(tmp_path):
     np.testing.assert_allclose(corners, ref_boxes, atol=1.0)
     names = {r["category_name"] for r in ours}
     assert names <= set(coco.COCO_CATEGORIES_91)
+
+
+@pytest.mark.parametrize("x0", [0.0, 120.0, 185.0])
+def test_a_caption_stays_whole_inside_the_picture(x0):
+    """issue 33, item 13: the caption of a box near the right edge ran off the picture (cut
+    after a few letters); it is moved left so the whole 'name score' shows, and stays at the
+    box's left edge where it fits."""
+    from PIL import ImageDraw, ImageFont
+
+    from ssd_jax.data import visualize
+
+    image = np.zeros((100, 200, 3), np.uint8)
+    label = 1  # palette colour 1 is dark enough for white text
+    color = visualize._PALETTE[label]
+    pil = visualize.draw_detections(image, np.array([[x0, 50.0, x0 + 10, 90.0]]),
+                                    np.array([label]), np.array([0.87]), ["a long class name"])
+    font = ImageFont.load_default(size=10)
+    tb = ImageDraw.Draw(pil).textbbox((0, 0), "a long class name 0.87", font=font)
+    # the caption's top row (above the text): its fill colour, tw + 5 pixels long
+    row = np.asarray(pil)[50 - (tb[3] - tb[1]) - 4]
+    cols = np.nonzero((row == color).all(axis=-1))[0]
+    assert len(cols) == tb[2] - tb[0] + 5, (len(cols), tb)
+    assert cols[0] == min(x0, 200 - 1 - (tb[2] - tb[0]) - 4)

@@ -94,8 +94,9 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, sc
         tb = draw.textbbox((0, 0), text, font=font)
         tw, th = tb[2] - tb[0], tb[3] - tb[1]
         ty = y0 - th - 4 if y0 - th - 4 >= 0 else min(y1 + 1, h - th - 4)
-        draw.rectangle((x0, ty, x0 + tw + 4, ty + th + 4), fill=color)
-        draw.text((x0 + 2, ty + 2 - tb[1]), text, fill=(0, 0, 0) if sum(color) > 400 else
+        tx = max(0.0, min(x0, w - 1 - tw - 4))  # a box at the right edge: caption moved inside
+        draw.rectangle((tx, ty, tx + tw + 4, ty + th + 4), fill=color)
+        draw.text((tx + 2, ty + 2 - tb[1]), text, fill=(0, 0, 0) if sum(color) > 400 else
                   (255, 255, 255), font=font)
     return pil
 

@@ -152,6 +152,48 @@ def save_onnx(predictor: Any, path: str) -> None:
                 [jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"N,{s},{s},3"), jnp.uint8)],
                 model_name="ssd_jax_detector", opset=23, return_mode="file", output_path=path,
                 input_names=["images"], output_names=list(OUTPUTS))
+    _clean_onnx(path)
+
+
+def _clean_onnx(path: str) -> None:
+    """Rewrites the ONNX model at `path` (and its .data) so that `onnx.checker.check_model(path,
+    full_check=True)` passes and onnxruntime loads it without a warning: jax2onnx 0.17.1 annotates
+    intermediate values with the NHWC shapes of the JAX program where its graph holds NCHW
+    tensors (the checker fails, onnxruntime printed 623 "Error merging shape info" warnings), and
+    it leaves constants no node reads (loop bodies). The annotations (optional in ONNX) are
+    dropped and inferred again by ONNX's shape inference, the unread initializers removed; the
+    nodes and weights are untouched (the export tests compare the outputs with predict's)."""
+    import onnx
+
+    model = onnx.load(path)  # the weights too, into memory: the files are written anew
+
+    def graphs(g):
+        yield g
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from graphs(a.g)
+                for sub in a.graphs:
+                    yield from graphs(sub)
+
+    read: set[str] = set()
+    for g in graphs(model.graph):
+        del g.value_info[:]
+        for node in g.node:
+            read.update(node.input)
+        read.update(o.name for o in g.output)
+    for g in graphs(model.graph):
+        kept = [t for t in g.initializer if t.name in read]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
+                                              data_prop=True)
+    data = os.path.basename(path) + ".data"
+    for p in (path, os.path.join(os.path.dirname(path), data)):
+        if os.path.exists(p):
+            os.remove(p)  # onnx.save appends external data to an existing file
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=data)
 
 
 @contextlib.contextmanager

@@ -637,16 +637,26 @@ class _StopOnInterrupt:
     cloud VMs send) during training: a flag the loop checks once per step, so the stop lands at a
     step boundary, where the state can be saved, and is never swallowed by a callback it happens
     to land in (JAX's GC callback ignores a KeyboardInterrupt); a second signal interrupts at once.
-    Only in the main thread (signal handlers live there)."""
+    Only in the main thread (signal handlers live there).
+
+    Several processes (jax.distributed with its preemption service, on by default): SIGTERM is
+    left to JAX's preemption notifier, which tells every process; `check(step)` then stops all of
+    them at the same step (`multihost_utils.reached_preemption_sync_point`, called at every step
+    by every process), where they save that step together. Ctrl-C stops each process where it is
+    (they keep the last periodic checkpoint)."""
 
     def __init__(self):
         import signal
         import threading
 
+        from jax._src import distributed as jax_distributed
+
         self.requested: str | None = None  # the name of the signal that asked for the stop
         self._previous: dict[int, Any] = {}
+        self.synced = jax_distributed.global_state.preemption_sync_manager is not None
+        signals = (signal.SIGINT,) if self.synced else (signal.SIGINT, signal.SIGTERM)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -656,9 +666,17 @@ class _StopOnInterrupt:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
-    def check(self) -> None:
+    def check(self, step: int | None = None) -> None:
+        """Raises _StopRequested when a signal asked for a stop; with several processes, also
+        at the step all of them agreed on after a preemption notice (call with every step)."""
         if self.requested:
             raise _StopRequested
+        if self.synced and step is not None:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = "SIGTERM"
+                raise _StopRequested
 
     def restore(self) -> None:
         import signal
@@ -827,7 +845,7 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
     stop = _StopOnInterrupt()
     try:
         for step in range(start_step, total):
-            stop.check()
+            stop.check(step)
             local = next(train_iter)
             batch = steps.global_batch(local, train_keys)
             with jax.transfer_guard("disallow"):
@@ -868,18 +886,22 @@ def _train(config, workdir, data, info, manager, samples_png, metric_writers, ev
         last_eval = run_eval(max(total, start_step))
     except KeyboardInterrupt as e:
         saved = ""
-        if isinstance(e, _StopRequested) and n_proc == 1 and done > 0 \
+        agreed = n_proc == 1 or (stop.synced and stop.requested == "SIGTERM")
+        if isinstance(e, _StopRequested) and agreed and done > 0 \
                 and manager.latest_step() != done:
             # at a step boundary: `state` is step `done`'s; keep the work done since the last
-            # checkpoint (several processes would each stop at their own step: they keep the
-            # last periodic checkpoint)
+            # checkpoint (several processes save together at the step they agreed on; after
+            # Ctrl-C each would stop at its own step: they keep the last periodic checkpoint)
             try:
                 _check_finite_then_save(manager, state, done)
                 saved = " (saved now)"
             except NonFiniteLossError as bad:
                 saved = f" ({bad})"
+        by = f" by {stop.requested}" if stop.requested else ""
+        if agreed and n_proc > 1:
+            by += " (a preemption notice to one of the processes: all stopped at this step)"
         raise TrainingInterrupted(
-            f"interrupted{' by ' + stop.requested if stop.requested else ''} at step {done}; "
+            f"interrupted{by} at step {done}; "
             f"{_last_checkpoint(manager)}{saved}; run the same command to resume",
             signal_name=stop.requested or "SIGINT") from None
     finally:

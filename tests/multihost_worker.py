@@ -77,7 +77,7 @@ def main() -> None:
     logging.set_verbosity(logging.INFO)  # as the commands (absl.app): train.log gets INFO lines
 
     from ssd_jax import distributed, train_lib
-    from ssd_jax.errors import LostProcessError
+    from ssd_jax.errors import LostProcessError, TrainingInterrupted
 
     n = int(args.get("processes", 1))
     if n > 1:
@@ -90,6 +90,9 @@ def main() -> None:
         state, metrics = train_lib.train_and_evaluate(config, args["workdir"])
     except LostProcessError as e:  # as the train command does (ssd_jax.cli.run)
         distributed.exit_lost(str(e))
+    except TrainingInterrupted as e:  # as the train command does: 143 after SIGTERM
+        print(f"\n{e}", flush=True)
+        sys.exit(143 if e.signal_name == "SIGTERM" else 130)
     out = {"mAP": np.float64(metrics["mAP"])}
     for part in ("params", "batch_stats", "opt_state"):
         leaves = jax.tree.leaves(getattr(state, part))

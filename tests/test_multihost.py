@@ -287,3 +287,33 @@ def test_watchdog_names_the_lost_process(monkeypatch, case):
                         "stops too"], lost
     else:
         assert len(lost) == 1 and lost[0].startswith("process 0 of 3 (the coordinator) is gone")
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves_it(tmp_path):
+    """issue 33, item 7: a preemption notice (SIGTERM) reaches one process of two. JAX's
+    preemption service tells the other, both stop at the step they agree on and save it together
+    (no periodic checkpoint here: the only one is the step reached), exit 143 and say so; the
+    same commands resume from that step. Before, our own SIGTERM handler replaced JAX's: the
+    signalled process stopped alone and the other lost it mid-collective."""
+    opts = {"steps": 500, "config": {**_SMALL, "checkpoint_every_steps": 0,
+                                     "log_every_steps": 1}}
+    procs = _launch(tmp_path, "pre", 2, **opts)
+    log0 = tmp_path / "pre.0.log"
+    deadline = time.monotonic() + 300
+    while "step 3/500" not in log0.read_text() and time.monotonic() < deadline \
+            and all(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = [(tmp_path / f"pre.{i}.log").read_text() for i in range(2)]
+    assert codes == [143, 143], (codes, logs[0][-3000:], logs[1][-3000:])
+    reached = set()
+    for log in logs:
+        line = next(ln for ln in log.splitlines() if ln.startswith("interrupted by SIGTERM"))
+        assert "all stopped at this step" in line and "(saved now)" in line, line
+        reached.add(int(line.split(" at step ")[1].split(";")[0]))
+    (step,) = reached  # the same step in both
+    assert 3 <= step < 500
+    assert sorted(os.listdir(tmp_path / "pre" / "checkpoints")) == [str(step)]
+    _wait(tmp_path, "pre", _launch(tmp_path, "pre", 2, **{**opts, "steps": step + 2}))
+    assert f"resumed from checkpoint step {step}" in (tmp_path / "pre" / "train.log").read_text()

@@ -12,7 +12,7 @@ Without --config, --config.FIELD=VALUE overrides the run's own config (run_info.
 config's `dataset` and `max_boxes` are used (the model, detect settings and metric stay the
 run's; --metric and --batch_size change those).
 
-The evaluation is the training loop's (`ssd_jax.inference.evaluate_run`: the same shard_mapped
+The evaluation is the training loop's (`ssd_jax.run_eval.evaluate_run`: the same shard_mapped
 eval step, eval batches and `evaluation.Evaluator`), so it reports the mAP training reported for
 that checkpoint. Written to --out (default WORKDIR/eval_<step>): metrics.json, detections.json
 (COCO results in the dataset's image and category ids) and pr_curves.png; the per-class table is
@@ -51,15 +51,15 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 def main(argv: Sequence[str], config: Any) -> None:
     import jax
 
-    from ssd_jax import evaluation, inference
-    from ssd_jax.data import tf_compat  # noqa: F401 - TensorFlow (data only) sees no GPU
+    from ssd_jax import evaluation, inference, run_eval
+    cli.import_tensorflow_quietly()  # the eval data (TensorFlow sees no GPU)
 
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.workdir:
         raise UserError("--workdir is required (--help lists the flags)")
     run = inference.load_run(FLAGS.workdir, FLAGS.step)
-    report = inference.evaluate_run(
+    report = run_eval.evaluate_run(
         run, dataset_config=None if config is None else config.dataset,
         max_boxes=None if config is None else config.max_boxes, metric=FLAGS.metric,
         batch_size=FLAGS.batch_size, split=FLAGS.split)
@@ -67,12 +67,12 @@ def main(argv: Sequence[str], config: Any) -> None:
         return
     suffix = "_test" if FLAGS.split == "test" else ""
     out = FLAGS.out or os.path.join(FLAGS.workdir, f"eval_{report['step']}{suffix}")
-    paths = inference.write_eval_report(report, out)
+    paths = run_eval.write_eval_report(report, out)
     curves = report["curves"]
     names = report["class_names"][-len(curves["AP"]):]
     title = "AP50 (VOC area)" if report["metric"] == "coco" else "AP"
     print(evaluation.per_class_table(names, curves["AP"], curves["num_gt"], title=title))
-    head = "AP" if report["metric"] == "coco" else "mAP"
+    head = evaluation.headline(report["metric"])
     print(f"\n{FLAGS.split} split: {report['metric']} {head} = {report['metrics'].get(head)} "
           f"at step {report['step']} "
           f"({report['metrics'].get('num_images')} images; input: {report['input']})")
@@ -87,11 +87,11 @@ def run() -> None:
 
 def _run_config() -> Any:
     """The run's own config, for --config.FIELD=VALUE without --config and --print_config."""
-    from ssd_jax import inference
+    from ssd_jax import workdir
 
     if not FLAGS.workdir:
         raise UserError("--workdir is required (--help lists the flags)")
-    return inference.read_run_config(FLAGS.workdir)
+    return workdir.read_run_config(FLAGS.workdir)
 
 
 if __name__ == "__main__":

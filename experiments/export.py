@@ -44,6 +44,8 @@ def main(argv: Sequence[str]) -> None:
     if not FLAGS.out or not FLAGS.format:
         raise UserError("--out and --format are required (--help lists the flags)")
     formats = export.parse_formats(FLAGS.format)  # checked before the checkpoint is read
+    if "savedmodel" in formats:
+        cli.import_tensorflow_quietly()
     predictor = inference.load_predictor(FLAGS.workdir, FLAGS.torchvision_checkpoint, FLAGS.step,
                                          FLAGS.dtype)
     paths = export.export(predictor, FLAGS.out, formats, FLAGS.platforms)

@@ -40,15 +40,17 @@ def main(argv, config):
         raise UserError(f"--image_size must be >= 0 (0: the model's), got {FLAGS.image_size}")
     if os.path.isdir(FLAGS.out):
         raise UserError(f"--out={FLAGS.out} is a folder; give a .png file path")
-    from ssd_jax import train_lib
+    cli.import_tensorflow_quietly()  # the data (TensorFlow sees no GPU)
+    from ssd_jax import config as config_lib
+    from ssd_jax import models, train
     from ssd_jax.data import pipeline, visualize
 
     if config.dataset.kind == "synthetic":  # generate only what is drawn
         config.dataset.num_train = min(config.dataset.num_train, FLAGS.num_images)
         config.dataset.num_eval = min(config.dataset.num_eval, FLAGS.num_images)
         config.dataset.num_test = 0
-    train_lib.validate_config(config)
-    size = FLAGS.image_size or train_lib.create_model(config, 2).prior_spec.image_size
+    config_lib.validate(config)
+    size = FLAGS.image_size or models.from_config(config, 2, axis_name="data").prior_spec.image_size
     data = pipeline.InputPipeline(config.dataset)
     info = data.info()
     if FLAGS.eval:
@@ -59,7 +61,7 @@ def main(argv, config):
                                          max_boxes=config.max_boxes, seed=config.seed,
                                          start_step=FLAGS.step))
         # the device mode ships canvases: augment them as the train step does
-        batch = train_lib.displayed_train_batch(config, batch, size)
+        batch = train.displayed_train_batch(config, batch, size)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     visualize.save_sample_grid(batch, info.class_names, FLAGS.out, max_images=FLAGS.num_images)
     print(f"wrote {FLAGS.out} ({FLAGS.num_images} {'eval' if FLAGS.eval else 'training'} images "

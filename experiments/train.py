@@ -36,13 +36,13 @@ def main(argv, config):
         raise UserError("--workdir is required: the folder for checkpoints, logs and pictures")
     import jax
 
-    from ssd_jax import distributed, train_lib
-    from ssd_jax.data import tf_compat  # noqa: F401 - TensorFlow (data only) sees no GPU
+    from ssd_jax import distributed, train
+    cli.import_tensorflow_quietly()  # the data (TensorFlow sees no GPU)
 
     distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    train_lib.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
 
 
 def run():

@@ -1,8 +1,10 @@
 """ssd_jax: the SSD object detector (Liu et al., 2016) as pure JAX functions and a Flax model.
 
-Core modules (import only jax, flax, optax and numpy):
-  box_ops, priors, box_coder, matching, loss, models, postprocess.
-Host-side modules (TensorFlow, tfds, clu, orbax, pycocotools): data, evaluation, train_lib.
+Core modules (import only jax, flax, optax and numpy): box_ops, priors, box_coder, matching,
+loss, postprocess, normalization, augment_params, device_augment, models (+ heads, backbones).
+Then, each importing only those before it: config (the config schema); data, evaluation;
+workdir (a run's folder); inference, export, convert; train (the trainer); cli, host (the
+command layer). Importing any of them changes nothing in the process.
 """
 
 __version__ = "0.1.0"

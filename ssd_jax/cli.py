@@ -13,6 +13,9 @@
   becomes ``error: <message>`` and exit status 1; Ctrl-C becomes one line (exit 130). With
   ``--debug`` or ``SSD_JAX_DEBUG=1`` the traceback is shown instead.
 * TensorFlow's C++ INFO/WARNING banners are silenced (``TF_CPP_MIN_LOG_LEVEL=2``, unless set).
+
+Over 500 lines on purpose: the command layer in one place (flags, config files and overrides,
+--print_config, error messages); nothing in the library imports it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from absl import app, flags
 
 from ssd_jax.errors import ConfigError, LostProcessError, UserError
+from ssd_jax.host import keep_freed_memory, prefer_eigen_convolutions
 
 FLAGS = flags.FLAGS
 
@@ -320,78 +324,32 @@ def quiet_console() -> None:
         handler.addFilter(_QuietLibraries())
 
 
-#: glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow (GPUs hidden: `ssd_jax.data.tf_compat`) with its C++ start-up banners
+    dropped: oneDNN notices written before its logging is initialized, which
+    TF_CPP_MIN_LOG_LEVEL does not silence. For the commands only: file descriptor 2 points at a
+    temporary file for the import's seconds, which would swallow what other threads write to
+    stderr meanwhile. With SSD_JAX_DEBUG set, or TensorFlow already imported, a plain import; if
+    the import fails, what it printed is shown."""
+    import tempfile
 
-
-def _glibc(name: str, argtypes: list[Any]) -> Any:
-    """The C library's function `name` (returning int), or None where it has none (macOS, musl)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes, function.restype = argtypes, ctypes.c_int
-    return function
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep freed memory for reuse instead of returning it to the OS.
-
-    XLA:CPU allocates every step's temporaries afresh; by default glibc maps each large one
-    (above the mmap threshold) and unmaps it when freed, or trims the heap, so the next step
-    touches new pages: 69 million page faults and 206 s of system time in a 14-minute default run
-    on a 2-core AMD EPYC (a step's temporaries are one buffer of tens of MB). With the mmap
-    threshold at 1 GB and trimming off, 1000 steps of the default's loop (4000 images, two
-    interleaved A/B pairs) took 1:57 and 2:07 instead of 2:15 and 2:19 (92-99 and 83-88 img/s
-    instead of 76-82 and 74-86), with the same losses, 0.4M page faults instead of 10.2M and
-    peak RSS +0.1-0.16 GB. The commands call this first; a notebook can too.
-    Returns False where there is no glibc mallopt (macOS, musl): nothing changes there.
-    """
-    import ctypes
-
-    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 2**30)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def release_freed_memory() -> bool:
-    """Give the heap's free memory back to the OS now (glibc malloc_trim), although
-    `keep_freed_memory` turned automatic trimming off. Training calls it after compiling its
-    steps (XLA's compile leaves ~0.5 GB of freed heap) and before it loads the data. Returns
-    False where there is no glibc malloc_trim."""
-    import ctypes
-
-    trim = _glibc("malloc_trim", [ctypes.c_size_t])
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
-#: XLA:CPU runs convolutions with YNNPACK by default; Eigen's convolutions use both cores of a
-#: small CPU far better (see `prefer_eigen_convolutions`).
-_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-
-
-def prefer_eigen_convolutions() -> bool:
-    """Have XLA:CPU run convolutions with Eigen instead of YNNPACK (appends to XLA_FLAGS).
-
-    YNNPACK splits each convolution between the cores but left them idle half the time: the
-    default's train step (compact model, batch 8) ran at 90-101 img/s with 143% CPU on a 2-core
-    AMD EPYC, and at 124-138 img/s with 190% CPU with Eigen's convolutions (interleaved A/B,
-    300 steps each). Effective only before JAX starts its CPU backend; a flag the user already set
-    for `xla_cpu_experimental_ynn_fusion_type` wins. Returns whether the flag is in XLA_FLAGS.
-    """
-    current = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in current:
-        return _YNN_FLAG in current.split()
-    os.environ["XLA_FLAGS"] = f"{current} {_YNN_FLAG}".strip()
-    return True
+    if "tensorflow" in sys.modules or os.environ.get("SSD_JAX_DEBUG", "") not in ("", "0"):
+        from ssd_jax.data import tf_compat  # noqa: F401
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            from ssd_jax.data import tf_compat  # noqa: F401
+        except BaseException:  # the import failed: what it printed is the explanation
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def run(main: Callable[..., Any], *, configs_dir: str | None = None,
@@ -466,7 +424,11 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         if configs_dir is None:
             return remaining
         spec = spec if spec is not None else FLAGS.config
-        default_path = os.path.join(configs_dir, f"{default_config or 'default'}.py")
+        from ssd_jax import config as config_lib
+
+        # the schema's comments (ssd_jax/config.py) say what each field does; a config file's
+        # own comments on a field it changes come first
+        default_path = config_lib.__file__
         others = [os.path.join(configs_dir, n + ".py") for n in config_names(configs_dir)]
         if spec is None:
             if (overrides or FLAGS.print_config) and run_config is not None:
@@ -563,4 +525,13 @@ def _message(e: BaseException) -> str:
                 IsADirectoryError: "is a folder, not a file", PermissionError: "permission denied",
                 FileExistsError: "already exists"}.get(type(e), e.strerror)
         return f"{e.filename}: {what}"
-    return str(e)
+    text = str(e)
+    name = getattr(e, "parameter", None)
+    flag = _FLAG_OF_PARAMETER.get(name, name)
+    if name and flag in FLAGS and text.startswith(name):
+        return f"--{flag}{text[len(name):]}"  # the library's parameter is this command's flag
+    return text
+
+
+#: library parameters whose command-line flag has another name
+_FLAG_OF_PARAMETER = {"out_dir": "out", "formats": "format"}

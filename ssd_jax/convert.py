@@ -423,19 +423,21 @@ def _reason(e: BaseException, limit: int = 160) -> str:
 def save_checkpoint(path: str, variables: Variables) -> None:
     """Save a pytree of arrays with orbax (atomic: written to a temporary folder, then renamed);
     an existing checkpoint at `path` is replaced."""
-    import orbax.checkpoint as ocp
+    from ssd_jax.workdir import keep_root_handlers, orbax_checkpoint
 
+    ocp = orbax_checkpoint()
     path = os.path.abspath(path)
-    with ocp.StandardCheckpointer() as ckptr:
+    with keep_root_handlers(), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, jax.tree.map(jnp.asarray, variables), force=True)
         ckptr.wait_until_finished()
 
 
 def load_checkpoint(path: str) -> Variables:
     """The pytree saved by `save_checkpoint` at `path` (nested dicts of arrays)."""
-    import orbax.checkpoint as ocp
+    from ssd_jax.workdir import keep_root_handlers, orbax_checkpoint
 
-    with ocp.StandardCheckpointer() as ckptr:
+    ocp = orbax_checkpoint()
+    with keep_root_handlers(), ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(os.path.abspath(path))
 
 

@@ -3,6 +3,7 @@ the one helper that brings a batch-sharded global array back to this process's r
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -12,7 +13,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
+
+log = logging.getLogger(__name__)
 
 
 def _cluster_detected() -> bool:
@@ -44,7 +46,7 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
                                    num_processes=num_processes, process_id=process_id)
     else:
         jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
 
 
@@ -171,9 +173,10 @@ class Watchdog:
 def exit_lost(message: str) -> None:
     """Logs `message`, prints it as ``error: ...`` and ends this process at once (exit status 1)
     without the distributed runtime's shutdown, which would wait for the lost process."""
-    logging.error("%s", message)
+    log.error("%s", message)
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    logging.flush()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
     os._exit(1)
 

@@ -1,16 +1,25 @@
 """The mistakes a user can make, as exception types the commands show in one to three lines.
 
-A `UserError` names the flag, config field or file at fault and what to do about it; the commands
-(`ssd_jax.cli.run`) print its message without a traceback (``--debug`` or ``SSD_JAX_DEBUG=1``
-shows it). Anything else that escapes is a bug and keeps its traceback. The subclasses are also
-ValueErrors, so library callers that catch ValueError keep working.
+A `UserError` names the parameter, config field or file at fault and what to do about it. The
+library speaks of its own parameters (``workdir=/runs/x: no such folder``, with `parameter` set);
+the commands (`ssd_jax.cli.run`) say the same of their flag (``--workdir=/runs/x: ...``) and print
+it without a traceback (``--debug`` or ``SSD_JAX_DEBUG=1`` shows it). Anything else that escapes
+is a bug and keeps its traceback. The subclasses are also ValueErrors, so library callers that
+catch ValueError keep working.
 """
 
 from __future__ import annotations
 
 
 class UserError(Exception):
-    """A mistake in the user's input; the message says what is wrong and what to do."""
+    """A mistake in the user's input; the message says what is wrong and what to do.
+
+    `parameter`: the library function's parameter at fault when the message starts with it
+    (``"workdir=..."``); a command whose flag has that name shows ``--workdir=...``."""
+
+    def __init__(self, *args: object, parameter: str | None = None):
+        super().__init__(*args)
+        self.parameter = parameter
 
 
 class ConfigError(UserError, ValueError):
@@ -27,6 +36,10 @@ class CheckpointMismatchError(UserError, ValueError):
 
 class WorkdirMismatchError(UserError, ValueError):
     """A workdir holds a run whose config differs from the one asked for (lists the fields)."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
 class MissingDependencyError(UserError, ImportError):

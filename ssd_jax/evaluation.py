@@ -9,6 +9,9 @@ Inputs are per-image dicts of numpy arrays, boxes in normalized corner form (xmi
 `DetectionEvaluator` accumulates them from padded batches (`postprocess.Detections` plus the
 input batch); `Evaluator` runs a predict function over the eval batches into one and returns the
 metrics: the one evaluation of the training loop and of experiments/evaluate.py.
+
+Over 500 lines on purpose: the VOC and COCO metrics and the Evaluator that gathers them across
+hosts are one concept; the metric functions are each short.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ Record = Mapping[str, Any]
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: config.metric: VOC07 11-point mAP (the paper's), VOC2010+ area mAP, COCO AP@[.5:.95]
 METRICS = ("voc07", "voc", "coco")
+
+
+def headline(metric: str) -> str:
+    """The result key a metric is reported by: "AP" (COCO's AP@[.5:.95]) or "mAP" (VOC)."""
+    return "AP" if metric == "coco" else "mAP"
 
 
 # ----------------------------------------------------------------------------------------- VOC
@@ -322,10 +330,15 @@ class DetectionEvaluator:
         Args:
           detections: `postprocess.Detections` ([B,K] padded rows past num_detections), or any
             object with the same fields (numpy or jax arrays).
-          batch: `boxes` [B,M,4] normalized corners, `labels` [B,M] (0 = padding row), optional
-            `difficult` [B,M] bool, `iscrowd` [B,M], `image_size` int [B,2] (height, width),
-            `mask` bool [B] (False: a padding example, skipped), `image_id` [B].
+          batch: `boxes` [B,M,4] normalized corners, `labels` [B,M] (0 = padding row),
+            `image_size` int [B,2] (height, width: the metrics work in pixels, with the VOC
+            devkit's +1), optional `difficult` [B,M] bool, `iscrowd` [B,M], `mask` bool [B]
+            (False: a padding example, skipped), `image_id` [B].
         """
+        missing = [k for k in ("boxes", "labels", "image_size") if k not in batch]
+        if missing:
+            raise ValueError(f"add_batch: the batch has no {', '.join(missing)} (needs boxes "
+                             "[B,M,4], labels [B,M] and image_size [B,2] (height, width))")
         det_boxes = host_local(detections.boxes)
         det_scores = host_local(detections.scores)
         det_classes = host_local(detections.classes)
@@ -427,7 +440,7 @@ class Evaluator:
                               class_names=names)
         metrics = evaluator.run(variables)     # {"mAP": ..., "AP": [...], "num_images": ...}
 
-    Used by the training loop (`train_lib.train_and_evaluate`) and by `experiments/evaluate.py`
+    Used by the training loop (`ssd_jax.train.train_and_evaluate`) and by `experiments/evaluate.py`
     alike, so both report the same number for the same checkpoint.
 
     Args:

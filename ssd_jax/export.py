@@ -64,7 +64,7 @@ def serving_fn(predictor: Any, sort_top_k: bool = False) -> Callable[[Any], dict
     variables = predictor.variables
     fn = predictor.fn if not sort_top_k else inference.make_detect_fn(
         predictor.model, {**predictor.detect_kwargs, "sort_top_k": True})
-    ids = np.asarray((0,) + tuple(int(c) for c in predictor.category_ids), np.int32)
+    ids = predictor.category_of_label().astype(np.int32)
 
     def serve(images):
         dets = fn(variables, images)
@@ -78,7 +78,8 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     platforms = tuple(platforms)
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
-        raise UserError(f"--platforms={','.join(platforms)}: choose from {', '.join(PLATFORMS)}")
+        raise UserError(f"platforms={','.join(platforms)}: choose from {', '.join(PLATFORMS)}",
+                        parameter="platforms")
     return platforms
 
 
@@ -290,16 +291,17 @@ def _check_onnx() -> None:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise UserError(f"--format=onnx needs {e.name or 'jax2onnx'} (not installed): pip install "
+        raise UserError(f"formats=onnx needs {e.name or 'jax2onnx'} (not installed): pip install "
                         "--no-deps jax2onnx==0.17.1 && pip install onnx onnx-ir onnxruntime "
-                        "(README, 'Export for serving')") from None
+                        "(README, 'Export for serving')", parameter="formats") from None
 
 
 def _import_tf() -> Any:
     try:  # quiet, with the GPUs hidden from TensorFlow (they stay JAX's)
         from ssd_jax.data.tf_compat import tf
     except ImportError:
-        raise UserError("--format=savedmodel needs TensorFlow (pip install tensorflow-cpu)") from None
+        raise UserError("formats=savedmodel needs TensorFlow (pip install tensorflow-cpu)",
+                        parameter="formats") from None
     return tf
 
 
@@ -350,9 +352,9 @@ def parse_formats(spec: Sequence[str] | str) -> tuple[str, ...]:
                 out.append(f)
     bad = [f for f in out if f not in FORMATS]
     if bad or not out:
-        raise UserError(f"--format={','.join(out) or '(none)'}: "
+        raise UserError(f"formats={','.join(out) or '(none)'}: "
                         f"{'unknown format ' + repr(bad[0]) if bad else 'no format given'}; "
-                        f"choose one or more of {', '.join(FORMATS)}")
+                        f"choose one or more of {', '.join(FORMATS)}", parameter="formats")
     return tuple(out)
 
 
@@ -374,8 +376,8 @@ def export(predictor: Any, out_dir: str, formats: Sequence[str] = ("jax",),
     paths["metadata"] = os.path.join(out_dir, METADATA)
     for p in paths.values():
         if os.path.exists(p):
-            raise UserError(f"--out={out_dir} already holds {os.path.basename(p)}: give another "
-                            "--out or remove it")
+            raise UserError(f"out_dir={out_dir} already holds {os.path.basename(p)}: give "
+                            "another folder or remove it", parameter="out_dir")
     written: list[str] = []
     try:
         for f in formats:

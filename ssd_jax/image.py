@@ -16,7 +16,7 @@ refer to.
     out = tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 (half-pixel centers, no antialiasing; tests/test_image.py checks it). It replays TF's CPU kernel
-in float32 numpy, with TF's order of operations. Evaluation (`ssd_jax.data.augment.eval_resize`,
+in float32 numpy, with TF's order of operations. Evaluation (`ssd_jax.data.host_augment.eval_resize`,
 through tf.numpy_function) and prediction both call it, so both see the same pixels. This module
 imports only numpy and Pillow.
 """

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ssd_jax import image as image_lib
-from ssd_jax.errors import CheckpointMismatchError, ConfigError, UserError
+from ssd_jax.errors import CheckpointMismatchError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -72,48 +72,30 @@ class Run:
     workdir: str
 
 
-def read_run_config(workdir: str) -> Any:
-    """The config a training run in `workdir` was trained with (its run_info.json), as a
-    ConfigDict; UserError when `workdir` is not a run's."""
-    import ml_collections
-
-    from ssd_jax import train_lib
-
-    if not os.path.isdir(workdir):
-        raise UserError(f"--workdir={workdir}: no such folder")
-    info = train_lib.read_run_info(workdir)
-    if info is None:
-        raise UserError(f"--workdir={workdir} is not a training workdir of ssd_jax (no "
-                        f"{train_lib.RUN_INFO}); give the --workdir a training run wrote")
-    return ml_collections.ConfigDict(info["config"])
-
-
 def load_run(workdir: str, step: int | None = None) -> Run:
     """The run in `workdir` at its latest checkpoint (or `step`), checked to fit its model.
 
     Raises UserError naming what is missing (not a workdir, no checkpoint, no such step) and
     CheckpointMismatchError when the checkpoint does not fit the model of run_info.json.
     """
-    import orbax.checkpoint as ocp
+    import ml_collections
 
-    from ssd_jax import train_lib
+    from ssd_jax import models
+    from ssd_jax import workdir as workdir_lib
 
-    config = read_run_config(workdir)
-    info = train_lib.read_run_info(workdir)
+    info = workdir_lib.require_run_info(workdir)
+    config = ml_collections.ConfigDict(info["config"])
     num_classes = int(info["num_classes"])
-    model = train_lib.create_model(config, num_classes, axis_name=None)
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise UserError(f"--workdir={workdir} has no checkpoints/ yet (the run has not saved one)")
-    with ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler()) as manager:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise UserError(f"--workdir={workdir} has no checkpoint yet (the run has not saved one)")
-        step = steps[-1] if step is None else int(step)
-        if step not in steps:
-            raise UserError(f"--step={step}: no checkpoint of that step in {ckpt_dir}; steps "
-                            f"there: {steps}")
-        restored = _restore_on_this_host(manager, step)
+    model = models.from_config(config, num_classes)
+    steps = workdir_lib.checkpoint_steps(workdir)
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise UserError(f"step={step}: no checkpoint of that step in "
+                        f"{workdir_lib.checkpoint_dir(workdir)}; steps there: {steps}",
+                        parameter="step")
+    with workdir_lib.keep_root_handlers(), \
+            workdir_lib.checkpoint_manager(workdir, create=False) as manager:
+        restored = workdir_lib.restore_on_this_host(manager, step)
     variables = {"params": restored["params"]}
     if restored.get("batch_stats"):
         variables["batch_stats"] = restored["batch_stats"]
@@ -126,20 +108,6 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     check_variables_fit(model, variables, what=f"checkpoint of step {step} in {workdir}")
     return Run(model, variables, config, class_names, category_ids, int(step),
                os.path.abspath(workdir))
-
-
-def _restore_on_this_host(manager: Any, step: int) -> dict[str, Any]:
-    """The checkpoint's tree with every array on this host's first device, whatever mesh and
-    process count wrote it (restoring with the saved shardings fails on another topology: a
-    run trained on 8 devices or 2 processes, evaluated on a laptop)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    metadata = manager.item_metadata(step)
-    tree = getattr(metadata, "tree", metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def check_variables_fit(model: Any, variables: Any, what: str = "checkpoint") -> None:
@@ -181,20 +149,30 @@ def check_variables_fit(model: Any, variables: Any, what: str = "checkpoint") ->
 # ----------------------------------------------------------------------------- the predictor
 
 
+def detect_images(model: Any, variables: dict[str, Any], images: Any, prior_boxes: Any,
+                  **detect_kwargs: Any) -> Any:
+    """The network, decode and NMS on a batch: images uint8 [B,S,S,3] -> `postprocess.Detections`
+    (fixed size). The one definition the Predictor, the evaluation step (inside shard_map) and
+    the exports run; not jitted (call it inside jit). variables: {"params", ["batch_stats"]}
+    (an empty batch_stats is left out); detect_kwargs: `postprocess.detect`'s settings."""
+    from ssd_jax import postprocess
+
+    variables = {k: v for k, v in variables.items() if k == "params" or v}
+    cls_logits, box_preds = model.apply(variables, images, train=False)
+    return postprocess.detect(cls_logits, box_preds, prior_boxes, **detect_kwargs)
+
+
 def make_detect_fn(model: Any, detect_kwargs: dict[str, Any]) -> Callable[..., Any]:
-    """jit(variables, images uint8 [B,S,S,3]) -> postprocess.Detections: network, decode, NMS."""
+    """jit(variables, images uint8 [B,S,S,3]) -> postprocess.Detections: `detect_images`."""
+    import functools
+
     import jax
 
-    from ssd_jax import postprocess, priors
+    from ssd_jax import priors
 
-    prior_boxes = priors.generate_priors(model.prior_spec)
-
-    @jax.jit
-    def fn(variables, images):
-        cls_logits, box_preds = model.apply(variables, images, train=False)
-        return postprocess.detect(cls_logits, box_preds, prior_boxes, **detect_kwargs)
-
-    return fn
+    return jax.jit(functools.partial(detect_images, model,
+                                     prior_boxes=priors.generate_priors(model.prior_spec),
+                                     **detect_kwargs))
 
 
 @dataclasses.dataclass
@@ -255,14 +233,16 @@ class Predictor:
         from ssd_jax import coco, convert
 
         if not os.path.isfile(path):
-            raise UserError(f"--torchvision_checkpoint={path}: no such file")
+            raise UserError(f"torchvision_checkpoint={path}: no such file",
+                            parameter="torchvision_checkpoint")
         try:
             state_dict = convert.load_state_dict(path)
             name, model, variables = convert.from_torchvision_detector(
                 state_dict, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
         except ImportError as e:
-            raise UserError(f"--torchvision_checkpoint={path}: reading it needs {e.name or 'torch'} "
-                            "(pip install torch), or convert the file to .safetensors") from None
+            raise UserError(f"torchvision_checkpoint={path}: reading it needs {e.name or 'torch'} "
+                            "(pip install torch), or convert the file to .safetensors",
+                            parameter="torchvision_checkpoint") from None
         except convert.StateDictError as e:
             raise CheckpointMismatchError(
                 f"--torchvision_checkpoint={path} is not a torchvision ssd300_vgg16 or "
@@ -277,6 +257,11 @@ class Predictor:
     @property
     def image_size(self) -> int:
         return int(self.model.prior_spec.image_size)
+
+    def category_of_label(self) -> np.ndarray:
+        """int64 [C]: the dataset's category id of each label (0 at label 0, background): the
+        map from `Detections.classes` to the ids results are written in."""
+        return np.asarray((0,) + tuple(int(c) for c in self.category_ids), np.int64)
 
     def __call__(self, images: np.ndarray) -> Any:
         """Detections (device arrays, dispatched asynchronously) of uint8 images [B,S,S,3]."""
@@ -301,12 +286,24 @@ class Predictor:
             image = np.repeat(image, 3, axis=-1)
         return image_lib.resize(np.ascontiguousarray(image[..., :3]), self.image_size)
 
-    def predict(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[ImageDetections]:
+    def predict(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 8
+                ) -> ImageDetections | list[ImageDetections]:
         """Detections of uint8 [H,W,3] RGB images of any sizes, boxes in each image's pixels.
 
-        Images are resized with `prepare` and run in batches of `batch_size` (the last one
-        padded: one compiled program for any number of images).
+        `images`: one image (returns its ImageDetections), or a sequence of them / an array
+        [N,H,W,3] (returns a list). They are resized with `prepare` and run in batches of
+        min(batch_size, number of images) (the last one padded: one program per batch size).
         """
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            return self.predict([images], batch_size)[0]
+        images = list(images)
+        bad = next((i for i, img in enumerate(images)
+                    if np.ndim(img) != 3 or np.shape(img)[-1] != 3), None)
+        if bad is not None:
+            raise UserError(f"images[{bad}] has shape {np.shape(images[bad])}: give uint8 RGB "
+                            "[H, W, 3] arrays (one, a list of them, or an [N, H, W, 3] array)",
+                            parameter="images")
+        batch_size = max(1, min(int(batch_size), len(images)))
         out: list[ImageDetections] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
@@ -322,7 +319,7 @@ class Predictor:
         import jax
 
         boxes, scores, classes, num = jax.device_get(tuple(dets))
-        cats = np.asarray((0,) + tuple(self.category_ids), np.int64)
+        cats = self.category_of_label()
         out = []
         for row, (h, w) in enumerate(sizes):
             n = int(num[row])
@@ -351,12 +348,12 @@ def load_predictor(workdir: str | None = None, torchvision_checkpoint: str | Non
 # ----------------------------------------------------------------------------- files
 
 
-def list_images(specs: Iterable[str]) -> list[str]:
-    """Files named in `specs` (each comma separated) and the image files of named folders
+def list_images(images: Iterable[str]) -> list[str]:
+    """Files named in `images` (each comma separated) and the image files of named folders
     (sorted, not recursive). Named files are taken whatever their extension; a path that does
     not exist is a UserError."""
     out: list[str] = []
-    for spec in specs:
+    for spec in images:
         for part in (p.strip() for p in spec.split(",")):
             if not part:
                 continue
@@ -367,7 +364,7 @@ def list_images(specs: Iterable[str]) -> list[str]:
             elif os.path.exists(part):
                 out.append(part)
             else:
-                raise UserError(f"--images: {part} does not exist")
+                raise UserError(f"images: {part} does not exist", parameter="images")
     return out
 
 
@@ -377,7 +374,7 @@ def image_ids(paths: Sequence[str], annotations: str | None = None) -> list[int]
     the stem: COCO's 000000397133.jpg -> 397133) when those are distinct, else 1..N."""
     if annotations is not None:
         if not os.path.isfile(annotations):
-            raise UserError(f"--annotations={annotations}: no such file")
+            raise UserError(f"annotations={annotations}: no such file", parameter="annotations")
         try:
             with open(annotations) as f:
                 images = json.load(f)["images"]
@@ -386,13 +383,15 @@ def image_ids(paths: Sequence[str], annotations: str | None = None) -> list[int]
                 by_name[img["file_name"]] = int(img["id"])
                 by_name.setdefault(os.path.basename(img["file_name"]), int(img["id"]))
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--annotations={annotations}: not a COCO annotation file with an "
-                            f"'images' list of {{id, file_name}} ({type(e).__name__}: {e})") from None
+            raise UserError(f"annotations={annotations}: not a COCO annotation file with an "
+                            f"'images' list of {{id, file_name}} ({type(e).__name__}: {e})",
+                            parameter="annotations") from None
         missing = [p for p in paths if os.path.basename(p) not in by_name]
         if missing:
-            raise UserError(f"--annotations={annotations} has no image named "
+            raise UserError(f"annotations={annotations} has no image named "
                             f"{os.path.basename(missing[0])} ({len(missing)} of {len(paths)} files "
-                            "missing); predict only the files the annotation file lists")
+                            "missing); predict only the files the annotation file lists",
+                            parameter="annotations")
         return [by_name[os.path.basename(p)] for p in paths]
     ids = [image_lib.image_id_from_name(p) for p in paths]
     return ids if len(set(ids)) == len(ids) else list(range(1, len(paths) + 1))
@@ -447,9 +446,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
     from ssd_jax.data import visualize
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out={out_dir} is a file; give a folder")
+        raise UserError(f"out_dir={out_dir} is a file; give a folder", parameter="out_dir")
     if int(batch_size) <= 0:
-        raise UserError(f"--batch_size must be positive, got {batch_size}")
+        raise UserError(f"batch_size must be positive, got {batch_size}", parameter="batch_size")
     ids = image_ids(paths, annotations)
     os.makedirs(out_dir, exist_ok=True)
     size, b = predictor.image_size, int(batch_size)
@@ -525,146 +524,3 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str, *,
     elif os.path.exists(skipped_path):
         os.remove(skipped_path)
     return PredictResult(results, pngs, skipped, draw_failed)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def _moved_data_error(e: ConfigError, run: Run) -> ConfigError:
-    """`e` about a dataset path of the run's own config, said as one: the path came from
-    run_info.json, and how to give the data's place now."""
-    import re
-
-    from ssd_jax.data import sources
-
-    m = re.match(r"config\.dataset\.(\w+)=", str(e))
-    if m is None or m.group(1) not in sources.PATH_FIELDS:
-        return e
-    name, path = m.group(1), str(run.config.dataset[m.group(1)])
-    where = ("a relative path, read from the folder the run was started in (runs store "
-             "absolute paths since 2026-12)" if not os.path.isabs(path) and "://" not in path
-             else "the data has moved since")
-    return ConfigError(
-        f"{e}: the path is the run's ({os.path.join(run.workdir, 'run_info.json')}), {where}. "
-        f"Give the data's place now: --config.dataset.{name}=PATH on the ssd-evaluate command "
-        f"line, or evaluate_run(run, dataset_config=...) with it")
-
-
-def evaluate_run(run: Run, *, dataset_config: Any | None = None, max_boxes: int | None = None,
-                 metric: str | None = None, batch_size: int | None = None,
-                 progress: bool = True, split: str = "eval") -> dict[str, Any]:
-    """The training loop's evaluation (`evaluation.Evaluator` over the shard_mapped eval step)
-    of a run's checkpoint, on its eval data or `dataset_config` (same classes); split="test":
-    the held-out test split of synthetic data (what the training command reports last).
-
-    Returns {"metrics": the evaluator's result, "step", "metric", "class_names", "curves":
-    {"precision", "recall", "AP", "num_gt"} per class (VOC matching at IoU 0.5), "results": COCO
-    results in the dataset's image and category ids}. Imports TensorFlow (the eval data).
-    """
-    import jax
-
-    from ssd_jax import evaluation, train_lib
-    from ssd_jax.data import pipeline
-    from ssd_jax.errors import DataError
-
-    config = run.config.copy_and_resolve_references()
-    class_names = run.class_names
-    with config.unlocked():
-        if dataset_config is not None:
-            config.dataset = dataset_config
-        if max_boxes is not None:
-            config.max_boxes = int(max_boxes)
-        if metric is not None:
-            config.metric = metric
-        if batch_size is not None:
-            config.eval_batch_size = int(batch_size)
-    try:
-        train_lib.validate_config(config, purpose="eval")
-        data = pipeline.InputPipeline(config.dataset, splits=("eval",))
-    except ConfigError as e:
-        raise _moved_data_error(e, run) if dataset_config is None else e from None
-    if split not in ("eval", "test"):
-        raise ValueError(f"split must be 'eval' or 'test', got {split!r}")
-    if split == "test":
-        data.source("test")  # ConfigError where the dataset has no held-out test split
-    if dataset_config is not None:
-        info = data.info()
-        if info.num_classes != run.model.num_classes:
-            raise DataError(
-                f"the dataset of --config has {info.num_classes} classes (with background) but "
-                f"the checkpoint in {run.workdir} was trained with num_classes="
-                f"{run.model.num_classes}")
-        if tuple(info.class_names) != tuple(class_names):
-            print(f"warning: the dataset's class names {info.class_names} differ from the run's "
-                  f"{class_names}; reporting the dataset's", file=sys.stderr)
-            class_names = tuple(info.class_names)
-    model = train_lib.create_model(config, run.model.num_classes)
-    steps = train_lib.make_eval_steps(config, model)
-    variables = jax.device_put({"params": run.variables["params"],
-                                "batch_stats": run.variables.get("batch_stats", {})},
-                               steps.replicated)
-    n_proc = jax.process_count()
-    batches = data.eval_iterator(image_size=model.prior_spec.image_size,
-                                 batch_size=config.eval_batch_size // n_proc,
-                                 max_boxes=config.max_boxes, process_index=jax.process_index(),
-                                 process_count=n_proc, split=split)
-    evaluator = evaluation.Evaluator(steps.predict_fn(), batches, num_classes=model.num_classes,
-                                     metric=config.metric, class_names=class_names,
-                                     progress=progress)
-    metrics = evaluator.run(variables)
-    gts, dets = evaluator.accumulator.records()  # every process's images, as result() scored
-    # per-class curves: VOC matching at IoU 0.5; the AP is VOC07's for voc07, else the area AP
-    curves = evaluation.evaluate_voc(gts, dets, model.num_classes,
-                                     use_07_metric=config.metric == "voc07", return_curves=True)
-    num_gt = []
-    for c in range(1, model.num_classes):
-        n = 0
-        for gt in gts:
-            sel = np.asarray(gt["labels"]) == c
-            difficult = np.asarray(gt.get("difficult", np.zeros(sel.shape, bool)), bool)
-            n += int(np.sum(sel & ~difficult))
-        num_gt.append(n)
-    curves["num_gt"] = num_gt
-    category_ids = run.category_ids if dataset_config is None else data.info().category_ids
-    return {"metrics": metrics, "step": run.step, "metric": config.metric,
-            "class_names": list(class_names), "curves": curves,
-            "results": evaluator.accumulator.coco_results(category_ids),
-            "input": data.summary(), "split": split}
-
-
-def write_eval_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
-    """metrics.json, detections.json (COCO results in the dataset's ids) and pr_curves.png in
-    `out_dir`; returns their paths. The per-class table is `evaluation.per_class_table`."""
-    import math
-
-    from ssd_jax.data import visualize
-
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out={out_dir} is a file; give a folder")
-    os.makedirs(out_dir, exist_ok=True)
-    curves, names = report["curves"], report["class_names"]
-    names = names[-len(curves["AP"]):]
-    metric = report["metric"]
-    title = "AP50 (VOC area)" if metric == "coco" else "AP"
-    nan_to_none = lambda v: None if isinstance(v, float) and math.isnan(v) else v
-    metrics = dict(report["metrics"])
-    ap_list = metrics.pop("AP") if isinstance(metrics.get("AP"), list) else None
-    payload: dict[str, Any] = {"step": report["step"], "metric": metric,
-                               **{k: nan_to_none(v) for k, v in metrics.items()}}
-    if ap_list is not None:
-        payload["AP"] = [nan_to_none(a) for a in ap_list]
-    payload["per_class"] = {name: {title: nan_to_none(ap), "num_gt": n}
-                            for name, ap, n in zip(names, curves["AP"], curves["num_gt"])}
-    paths = {"metrics": os.path.join(out_dir, "metrics.json"),
-             "detections": os.path.join(out_dir, "detections.json"),
-             "pr_curves": os.path.join(out_dir, "pr_curves.png")}
-    with open(paths["metrics"], "w") as f:
-        json.dump(payload, f, indent=2)
-    with open(paths["detections"], "w") as f:
-        json.dump(report.get("results", []), f)
-    head = "AP" if metric == "coco" else "mAP"
-    visualize.plot_pr_curves(names, curves["precision"], curves["recall"], curves["AP"],
-                             paths["pr_curves"],
-                             title=f"step {report['step']}: {metric} {head} "
-                                   f"{report['metrics'].get(head, float('nan')):.4f}")
-    return paths

@@ -7,6 +7,7 @@ neg_pos_ratio * num_pos background priors with the highest confidence loss); L_l
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -85,7 +86,20 @@ def multibox_loss(
       (loss, aux): scalar float32 loss, and aux with float32 scalars `conf_loss`, `loc_loss`
       (both already divided by N) and `num_pos` (N before the clamp at 1). Finite with gradients
       even when there is no positive.
+
+    Called outside jit (eagerly) it runs one jitted program per settings and shapes, compiled
+    once, where op-by-op execution compiled its pieces again at every call.
     """
+    args = (cls_logits, box_preds, cls_targets, box_targets)
+    if axis_name is None and not any(isinstance(x, jax.core.Tracer) for x in args):
+        return _jitted_loss(*args, neg_pos_ratio=float(neg_pos_ratio),
+                            loc_weight=float(loc_weight))
+    return _multibox_loss(*args, neg_pos_ratio=neg_pos_ratio, loc_weight=loc_weight,
+                          axis_name=axis_name)
+
+
+def _multibox_loss(cls_logits, box_preds, cls_targets, box_targets, *, neg_pos_ratio, loc_weight,
+                   axis_name):
     cls_logits = cls_logits.astype(jnp.float32)
     box_preds = box_preds.astype(jnp.float32)
     box_targets = box_targets.astype(jnp.float32)
@@ -106,3 +120,7 @@ def multibox_loss(
     loc_loss = loc_sum / n
     loss = conf_loss + loc_weight * loc_loss
     return loss, {"conf_loss": conf_loss, "loc_loss": loc_loss, "num_pos": num_pos}
+
+
+_jitted_loss = jax.jit(functools.partial(_multibox_loss, axis_name=None),
+                       static_argnames=("neg_pos_ratio", "loc_weight"))

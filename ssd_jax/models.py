@@ -56,6 +56,14 @@ from ssd_jax.backbones import (
 )
 from ssd_jax.backbones.compact import CompactNet
 from ssd_jax.heads import SSDHead, SSDLiteHead
+from ssd_jax.normalization import (
+    CAFFE_MEAN,
+    HALF_RANGE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHVISION_MEAN,
+    UNIT_STD,
+)
 from ssd_jax.priors import (
     COMPACT6_PRIORS,
     COMPACT_PRIORS,
@@ -70,18 +78,12 @@ from ssd_jax.priors import (
 Dtype = Any
 RGB = tuple[float, float, float]
 
-__all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "HALF_RANGE", "IMAGENET_MEAN",
-           "IMAGENET_STD", "MODELS", "SSD", "TORCHVISION_MEAN", "build_model", "check_prior_spec",
-           "compact_ssd", "flops_per_image", "init_variables", "source_map_sizes",
-           "ssd300_resnet50", "ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3"]
+__all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "DTYPES", "HALF_RANGE",
+           "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "SSD", "TORCHVISION_MEAN", "build_model",
+           "check_prior_spec", "compact_ssd", "config_options", "flops_per_image", "from_config",
+           "init_variables", "source_map_sizes", "ssd300_resnet50", "ssd300_vgg16", "ssd512_vgg16",
+           "ssdlite320_mobilenet_v3"]
 
-#: Caffe's SSD mean (RGB) in [0, 255] pixel units.
-CAFFE_MEAN = (123.0, 117.0, 104.0)
-#: torchvision's ssd300_vgg16 mean ([0.48235, 0.45882, 0.40784] * 255): exact for converted weights.
-TORCHVISION_MEAN = (0.48235 * 255.0, 0.45882 * 255.0, 0.40784 * 255.0)
-#: Unit std: Caffe's and torchvision's SSD300 divide [0,255] pixels by nothing (torchvision's
-#: image_std 1/255 on [0,1] inputs is the same).
-UNIT_STD = (1.0, 1.0, 1.0)
 
 @functools.lru_cache(maxsize=64)
 def source_map_sizes(backbone: nn.Module, image_size: int) -> tuple[int, ...]:
@@ -265,7 +267,7 @@ def ssd512_vgg16(num_classes: int, prior_spec: PriorSpec | str = SSD512_VOC,
 def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
                 prior_spec: PriorSpec | str | None = None, width_mult: float = 1.0,
                 top_down: bool = False, num_maps: int = 6, freeze_bn: bool = False,
-                depths: Sequence[int] = (0, 1, 1, 1)) -> SSD:
+                depths: Sequence[int] = (0, 3, 1, 1)) -> SSD:
     """The compact conv+BN SSD at 128 px for CPU training from scratch.
 
     num_maps 6 (COMPACT6_PRIORS, strides 4..128, 3572 priors) or 5 (COMPACT_PRIORS, strides
@@ -290,10 +292,6 @@ def compact_ssd(num_classes: int, dtype: Dtype = jnp.float32,
                         dtype=dtype, freeze_bn=freeze_bn))
 
 
-#: MobileNetV3's input normalization: [0, 255] -> [-1, 1] (torchvision's mean = std = 0.5 on [0, 1]).
-HALF_RANGE = (127.5, 127.5, 127.5)
-
-
 def ssdlite320_mobilenet_v3(num_classes: int, dtype: Dtype = jnp.float32,
                             freeze_bn: bool = False, reduced_tail: bool = True) -> SSD:
     """torchvision's ssdlite320_mobilenet_v3_large: MobileNetV3-Large (reduced tail) + SSDLite
@@ -302,12 +300,6 @@ def ssdlite320_mobilenet_v3(num_classes: int, dtype: Dtype = jnp.float32,
                         prior_spec=SSDLITE320, num_classes=num_classes,
                         head=SSDLiteHead(dtype=dtype), dtype=dtype, image_mean=HALF_RANGE,
                         image_std=HALF_RANGE, freeze_bn=freeze_bn))
-
-
-#: torchvision's ImageNet normalization ([0.485, 0.456, 0.406] and [0.229, 0.224, 0.225] on [0, 1])
-#: in [0, 255] units: the inputs torchvision's ImageNet ResNet weights expect.
-IMAGENET_MEAN = (0.485 * 255.0, 0.456 * 255.0, 0.406 * 255.0)
-IMAGENET_STD = (0.229 * 255.0, 0.224 * 255.0, 0.225 * 255.0)
 
 
 def ssd300_resnet50(num_classes: int, dtype: Dtype = jnp.float32, freeze_bn: bool = False) -> SSD:
@@ -339,6 +331,26 @@ def build_model(name: str, num_classes: int, dtype: Dtype = jnp.float32, **optio
         raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; "
                          f"its options: {', '.join(sorted(known)) or 'none'}")
     return builder(num_classes, dtype=dtype, **options)
+
+
+#: config.dtype -> compute dtype. "float64" (params, optimizer state and compute in float64;
+#: needs JAX_ENABLE_X64=1) is for tests: it shows which differences are float32 rounding.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}
+
+
+def config_options(config: Any) -> dict[str, Any]:
+    """config.model's fields other than `name`: keyword options of the model's builder."""
+    return {k: v for k, v in config.model.items() if k != "name"}
+
+
+def from_config(config: Any, num_classes: int, axis_name: str | None = None) -> SSD:
+    """The SSD of `config.model` (`ssd_jax.config`) with `num_classes` (incl. background), in
+    `config.dtype`. BatchNorm layers (if any) reduce their batch statistics over `axis_name`:
+    the data axis inside a shard_mapped train step, None (the default) elsewhere."""
+    model = build_model(config.model.name, num_classes, DTYPES[config.dtype],
+                        **config_options(config))
+    return model.with_bn_axis_name(axis_name)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -23,6 +23,7 @@ are used), so the per-class top-k does not sort every prior of every class.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -104,6 +105,32 @@ def nms_padded(
     return keep.reshape(n, num_tiles * t)[:, :k]
 
 
+#: `detect`'s keyword settings: static (Python values) under jax.jit
+DETECT_SETTINGS = ("score_threshold", "pre_nms_top_k", "iou_threshold", "max_detections",
+                   "variances", "nms_tile_size", "max_candidate_priors", "sort_top_k",
+                   "decode_per_image")
+
+
+def jit_detect(**settings: Any) -> Callable[..., Detections]:
+    """`detect` jitted with its keyword `settings` bound (they are static: shapes and loop
+    bounds depend on them), as `fn(cls_logits, box_preds, priors)`; one function per settings,
+    cached, so it compiles once per input shape. `jax.jit(detect)(..., max_detections=100)` fails
+    (the settings would be traced); `jax.jit(detect, static_argnames=DETECT_SETTINGS)` works too."""
+    unknown = set(settings) - set(DETECT_SETTINGS)
+    if unknown:
+        raise TypeError(f"detect has no setting {sorted(unknown)}; its settings: {DETECT_SETTINGS}")
+    return _jit_detect(tuple(sorted(settings.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_detect(settings: tuple[tuple[str, Any], ...]) -> Callable[..., Detections]:
+    return jax.jit(functools.partial(detect, **dict(settings)))
+
+
+def _traced(*xs: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
 def detect(
     cls_logits: jnp.ndarray,
     box_preds: jnp.ndarray,
@@ -148,7 +175,18 @@ def detect(
 
     Returns:
       Detections with K = min(max_detections, (C-1) * min(pre_nms_top_k, P)) rows per image.
+
+    Called outside jit (eagerly) it runs `jit_detect(**settings)`: compiled once per settings and
+    shapes, where op-by-op execution compiled its loops and branches again at every call (2.1 s).
+    Under jit the settings must be Python values (see `jit_detect`).
     """
+    if not _traced(cls_logits, box_preds, priors):
+        return jit_detect(
+            score_threshold=score_threshold, pre_nms_top_k=pre_nms_top_k,
+            iou_threshold=iou_threshold, max_detections=max_detections,
+            variances=tuple(variances), nms_tile_size=nms_tile_size,
+            max_candidate_priors=max_candidate_priors, sort_top_k=sort_top_k,
+            decode_per_image=decode_per_image)(cls_logits, box_preds, priors)
     num_priors = cls_logits.shape[-2]
     top_k = min(pre_nms_top_k, num_priors)
     scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)

@@ -4,7 +4,7 @@
         "devices": 1, "dtype": "float64", "steps": 3, "workdir": "...", "out": "....npz"}'
 
 Trains `tests.test_train.tiny_config()` (optionally changed by "config": {"field": value}) with
-`train_lib.train_and_evaluate` and saves its final params, batch_stats and optimizer state (this
+`train.train_and_evaluate` and saves its final params, batch_stats and optimizer state (this
 process's copy of each replicated leaf) and the final evaluation's mAP to "out". "devices" local
 CPU devices per process (XLA's host platform device count); "dtype" float64 turns on 64-bit JAX
 first. The multi-process options are those of `experiments.train` (`distributed.maybe_initialize`).
@@ -32,11 +32,11 @@ def worker_config(args: dict):
     return config
 
 
-def _die_at_step(train_lib, step: int) -> None:
+def _die_at_step(step_module, step: int) -> None:
     import dataclasses
     import signal
 
-    make_steps = train_lib.make_steps
+    make_steps = step_module.make_steps
 
     class Dying:
         def __init__(self, train):
@@ -55,7 +55,7 @@ def _die_at_step(train_lib, step: int) -> None:
         steps = make_steps(*args, **kwargs)
         return dataclasses.replace(steps, train=Dying(steps.train))
 
-    train_lib.make_steps = patched
+    step_module.make_steps = patched
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
 
     logging.set_verbosity(logging.INFO)  # as the commands (absl.app): train.log gets INFO lines
 
-    from ssd_jax import distributed, train_lib
+    from ssd_jax import distributed, models, train
     from ssd_jax.errors import LostProcessError, TrainingInterrupted
 
     n = int(args.get("processes", 1))
@@ -85,9 +85,9 @@ def main() -> None:
     config = worker_config(args)
     if "die_at_step" in args and int(args.get("die_process", 0)) == int(args.get("process_id", 0)):
         # SIGKILL process "die_process" as it is about to run that step
-        _die_at_step(train_lib, int(args["die_at_step"]))
+        _die_at_step(train.step, int(args["die_at_step"]))
     try:
-        state, metrics = train_lib.train_and_evaluate(config, args["workdir"])
+        state, metrics = train.train_and_evaluate(config, args["workdir"])
     except LostProcessError as e:  # as the train command does (ssd_jax.cli.run)
         distributed.exit_lost(str(e))
     except TrainingInterrupted as e:  # as the train command does: 143 after SIGTERM
@@ -101,8 +101,9 @@ def main() -> None:
     if args.get("save_init"):  # the state before training (the same seed): updates' sizes
         from ssd_jax.data import pipeline
 
-        model = train_lib.create_model(config, pipeline.get_dataset_info(config.dataset).num_classes)
-        init = train_lib.create_train_state(config, model, train_lib.create_optimizer(config))
+        model = models.from_config(config, pipeline.get_dataset_info(config.dataset).num_classes,
+                                   axis_name="data")
+        init = train.create_train_state(config, model, train.create_optimizer(config))
         for part in ("params", "batch_stats", "opt_state"):
             for j, x in enumerate(jax.tree.leaves(getattr(init, part))):
                 out[f"init_{part}/{j}"] = np.asarray(x)

@@ -374,8 +374,10 @@ def test_print_config_comment_is_the_fields_own(tmp_path):
     """The continuation lines of one field's comment are not the next field's comment."""
     rc, out, _ = _run("experiments.train", "--print_config", cwd=tmp_path)
     assert rc == 0
-    line = _printed_fields(out)["model.num_maps"]
-    assert "# 6 source maps" in line, line
+    fields = _printed_fields(out)
+    # dataset.num_test's comment continues on a second line; the next field keeps its own
+    assert fields["dataset.num_test"].endswith("evaluated once after training; 0 = none")
+    assert fields["dataset.test_seed"].endswith("# (synthetic) the test images' own seed")
 
 
 # ----------------------------------------------------------------------------- show_data
@@ -412,19 +414,19 @@ def test_show_data_generates_only_the_images_it_draws(tmp_path):
 
 
 def test_prefer_eigen_convolutions_appends_once_and_keeps_the_users_choice(monkeypatch):
-    from ssd_jax import cli
+    from ssd_jax import host
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    assert cli.prefer_eigen_convolutions()
-    assert cli.prefer_eigen_convolutions()  # a second call adds nothing
+    assert host.prefer_eigen_convolutions()
+    assert host.prefer_eigen_convolutions()  # a second call adds nothing
     assert os.environ["XLA_FLAGS"].split() == [
         "--xla_cpu_enable_fast_math=false",
         "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's own
-    assert not cli.prefer_eigen_convolutions()
+    assert not host.prefer_eigen_convolutions()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
     monkeypatch.delenv("XLA_FLAGS")
-    assert cli.prefer_eigen_convolutions()
+    assert host.prefer_eigen_convolutions()
     assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 

@@ -10,7 +10,8 @@ import math
 
 import pytest
 
-from ssd_jax import train_lib
+from ssd_jax import config as config_lib
+from ssd_jax import models, train
 
 #: Every config; the two slowest one-step runs (SSDLite320's and SSD512's unoptimized train
 #: steps, ~60 s each on 2 cores) are `long` (outside the 15-minute suite: `pytest -m long tests`);
@@ -34,8 +35,8 @@ def tfds_mock_2(monkeypatch):
 def test_one_step_of_every_config(name, tmp_path, tfds_mock_2, monkeypatch):
     # one step runs: compile without XLA's backend optimizations (SSDLite's train step: 37 s -> a
     # few; the suite has a 15-minute budget)
-    monkeypatch.setattr(train_lib, "make_steps", functools.partial(
-        train_lib.make_steps, compiler_options={"xla_backend_optimization_level": 0}))
+    monkeypatch.setattr(train.step, "make_steps", functools.partial(
+        train.step.make_steps, compiler_options={"xla_backend_optimization_level": 0}))
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     config.num_train_steps = 1
     config.batch_size = 1  # SSD512's step on 2 images took most of a minute (unoptimized)
@@ -51,7 +52,7 @@ def test_one_step_of_every_config(name, tmp_path, tfds_mock_2, monkeypatch):
     else:
         config.dataset.num_train, config.dataset.num_eval = 8, 4
         config.dataset.num_test = 0
-    state, metrics = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
+    state, metrics = train.train_and_evaluate(config, str(tmp_path / "work"))
     assert int(state.step) == 1
     key = "AP" if config.metric == "coco" else "mAP"
     assert key in metrics and (math.isnan(metrics[key]) or 0.0 <= metrics[key] <= 1.0)
@@ -67,7 +68,7 @@ def test_ssd300_coco_builds_torchvisions_coco_anchors():
     from ssd_jax import priors
 
     config = importlib.import_module("experiments.configs.ssd300_coco").get_config()
-    model = train_lib.create_model(config, 91)
+    model = models.from_config(config, 91, axis_name="data")
     tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
                                                     num_classes=91)
     grid = [[f, f] for f in model.prior_spec.feature_map_sizes]
@@ -82,7 +83,7 @@ def test_paper_configs_build_their_papers_priors(name, spec):
     from ssd_jax import priors
 
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
-    assert train_lib.create_model(config, 21).prior_spec == getattr(priors, spec)
+    assert models.from_config(config, 21, axis_name="data").prior_spec == getattr(priors, spec)
 
 
 def test_a_wrong_prior_spec_is_a_config_error(tmp_path):
@@ -92,7 +93,7 @@ def test_a_wrong_prior_spec_is_a_config_error(tmp_path):
     config.dataset.data_dir = str(tmp_path)
     config.model.prior_spec = "ssd512_coco"  # 7 maps for a 6-map network
     with pytest.raises(ConfigError, match="config.model: prior_spec has 7 feature maps"):
-        train_lib.validate_config(config)
+        config_lib.validate(config)
     config.model.prior_spec = "ssd300"
     with pytest.raises(ConfigError, match="unknown prior spec 'ssd300'"):
-        train_lib.validate_config(config)
+        config_lib.validate(config)

@@ -20,8 +20,8 @@ import pytest
 import torch  # noqa: F401  (before TensorFlow: the other order segfaults, see conftest)
 import torchvision  # noqa: F401
 
-from ssd_jax import augment
-from ssd_jax.data import augment as host_augment
+from ssd_jax import device_augment as augment
+from ssd_jax.data import host_augment
 from ssd_jax.data.tf_compat import tf
 
 WIDTH, HEIGHT = 500, 375
@@ -209,7 +209,7 @@ def references():
 
 @pytest.mark.parametrize("side", ["device", "host"])
 def test_zoom_out_and_crop_match_caffe_and_torchvision(references, side):
-    """3000 draws of ssd_jax's sampler (device: ssd_jax.augment; host: ssd_jax.data.augment) per
+    """3000 draws of ssd_jax's sampler (device: ssd_jax.device_augment; host: ssd_jax.data.host_augment) per
     layout against each reference. The sampler of one randomly drawn sampler that keeps the whole
     image when it fails (ssd_jax before issue 32) leaves 0.57 / 0.40 / 0.83 of these layouts
     uncropped where both references leave ~0.29 / ~0.18 / ~0.46, and crops images without boxes."""

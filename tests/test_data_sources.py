@@ -264,7 +264,7 @@ def test_a_tfds_folder_without_prepared_data_is_one_line_and_writes_nothing(tmp_
     """issue 33, item 8: TFDS's AssertionError was a 41-line traceback, and ssd-train left
     checkpoints/ and train.log in the new workdir."""
     from experiments.configs import ssd300_voc
-    from ssd_jax import train_lib
+    from ssd_jax import train
 
     empty = tmp_path / "tfds"
     empty.mkdir()
@@ -274,7 +274,7 @@ def test_a_tfds_folder_without_prepared_data_is_one_line_and_writes_nothing(tmp_
     config = ssd300_voc.get_config()
     config.dataset.data_dir = str(empty)
     with pytest.raises(ConfigError, match="holds no prepared"):
-        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+        train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not list((tmp_path / "run").iterdir())
 
 

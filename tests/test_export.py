@@ -157,13 +157,13 @@ def _check_artifacts(predictor, out: str, tmp_path, batches: tuple[int, ...]) ->
 
 @pytest.fixture(scope="module")
 def trained_predictor(tmp_path_factory):
-    from ssd_jax import train_lib
+    from ssd_jax import train
     from tests.test_predict_evaluate import tiny_config
 
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config()
     config.dtype = "float32"
-    train_lib.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
     return workdir, inference.load_predictor(workdir=workdir)
 
 
@@ -195,9 +195,9 @@ def test_exports_of_a_converted_torchvision_ssd300_equal_predict(tmp_path):
 
 def test_export_refuses_what_it_cannot_do(trained_predictor, tmp_path):
     _, predictor = trained_predictor
-    with pytest.raises(UserError, match=r"--format=jax,tflite: unknown format 'tflite'; choose"):
+    with pytest.raises(UserError, match=r"formats=jax,tflite: unknown format 'tflite'; choose"):
         export.parse_formats(["jax,tflite"])
-    with pytest.raises(UserError, match=r"--platforms=cpu,gpu: choose from cpu, cuda"):
+    with pytest.raises(UserError, match=r"platforms=cpu,gpu: choose from cpu, cuda"):
         export.export(predictor, str(tmp_path), ("jax",), platforms=("cpu", "gpu"))
     (tmp_path / "ssd.jax").write_bytes(b"an earlier export")
     with pytest.raises(UserError, match=r"already holds ssd.jax"):
@@ -224,7 +224,7 @@ def test_a_missing_converter_is_one_line_before_anything_is_written(trained_pred
                                                                     monkeypatch):
     _, predictor = trained_predictor
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(UserError, match=r"--format=onnx needs onnxruntime \(not installed\): "
+    with pytest.raises(UserError, match=r"formats=onnx needs onnxruntime \(not installed\): "
                                         r"pip install"):
         export.export(predictor, str(tmp_path), ("jax", "onnx"))
     assert os.listdir(tmp_path) == []

@@ -187,8 +187,15 @@ def test_compact_depths_add_stride_1_convs_where_asked():
     assert convs == ["stage2_conv", "stage2_conv2", "stage3_conv", "stage4_conv"]
     kernel = variables["params"]["backbone"]["stage2_conv2"]["conv"]["kernel"]
     assert kernel.shape == (3, 3, 48, 48)
-    base = jax.eval_shape(lambda: models.init_variables(models.compact_ssd(4), jax.random.key(0)))
+    base = jax.eval_shape(lambda: models.init_variables(models.compact_ssd(4, depths=(0, 1, 1, 1)),
+                                                         jax.random.key(0)))
     assert "stage2_conv2" not in base["params"]["backbone"]
+    # the builder's default is the embedded default recipe's depth (config.model.depths)
+    from ssd_jax import config as config_lib
+
+    assert tuple(config_lib.get_config().model.depths) == (0, 3, 1, 1)
+    default = jax.eval_shape(lambda: models.init_variables(models.compact_ssd(4), jax.random.key(0)))
+    assert "stage2_conv3" in default["params"]["backbone"]
     for bad in [(0, 1, 1), (0, -1, 1, 1), (0, 1.5, 1, 1)]:
         with pytest.raises(ValueError, match="depths must be 4 whole numbers"):
             models.compact_ssd(4, depths=bad)
@@ -338,14 +345,13 @@ def test_freeze_bn_keeps_running_statistics(compact):
 
 def test_freeze_bn_from_the_config():
     from experiments.configs import default, ssdlite320_coco
-    from ssd_jax import train_lib
 
     config = default.get_config()
     config.model.freeze_bn = True
-    assert train_lib.create_model(config, 5).freeze_bn
+    assert models.from_config(config, 5, axis_name="data").freeze_bn
     lite = ssdlite320_coco.get_config()
     lite.dtype = "float32"
-    model = train_lib.create_model(lite, 81)
+    model = models.from_config(lite, 81, axis_name="data")
     assert not model.freeze_bn and model.backbone.axis_name == model.head.axis_name == "data"
 
 

@@ -209,12 +209,12 @@ def test_lost_process_stops_the_other_and_the_rerun_resumes_exactly(tmp_path, ca
     _evaluate_and_predict_in_one_process(tmp_path / "full", float(full[0]["mAP"]))
 
     # and this one process (one device) resumes the 2-process run for a step, saying so
-    from ssd_jax import train_lib
+    from ssd_jax import train
     from tests.multihost_worker import worker_config
 
     config = worker_config({**opts, "steps": opts["steps"] + 1})
     with caplog.at_level(logging.WARNING):
-        state, _ = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
+        state, _ = train.train_and_evaluate(config, str(tmp_path / "full"))
     assert int(state.step) == opts["steps"] + 1
     assert "resuming step 8 on 1 process(es) with 1 device(s) in all; the run was last started " \
         "on 2 process(es) with 2 device(s)" in caplog.text, caplog.text[-3000:]
@@ -223,11 +223,11 @@ def test_lost_process_stops_the_other_and_the_rerun_resumes_exactly(tmp_path, ca
 def _evaluate_and_predict_in_one_process(workdir, trained_map: float) -> None:
     """The 2-process run's checkpoint in this single process: evaluate gives the mAP of the run's
     final (gathered) evaluation, predict runs on its images."""
-    from ssd_jax import inference
+    from ssd_jax import inference, run_eval
     from ssd_jax.data import pipeline
 
     run = inference.load_run(str(workdir))
-    report = inference.evaluate_run(run, progress=False)
+    report = run_eval.evaluate_run(run, progress=False)
     assert report["metrics"]["mAP"] == pytest.approx(trained_map, abs=1e-6)
     predictor = inference.Predictor.from_run(run)
     data = pipeline.InputPipeline(run.config.dataset, splits=("eval",))

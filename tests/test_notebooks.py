@@ -94,7 +94,7 @@ def test_colab_tpu_notebook_smoke(tmp_path):
     assert "VGG16 layers" in text and "fc6" in text
     assert "mAP" in text and "#gt" in text
     assert os.path.exists(tmp_path / "run" / "eval" / "metrics.json")
-    assert _cell_shows_image(nb, "inference.write_eval_report(")  # the PR curves
+    assert _cell_shows_image(nb, "run_eval.write_eval_report(")  # the PR curves
     assert _cell_shows_image(nb, "visualize.draw_detections(")  # validation detections
 
 

@@ -4,6 +4,7 @@ jitted model + detect, boxes at the original size) with torchvision's ssd300_vgg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssd_jax import coco, evaluation, inference
+from ssd_jax import coco, evaluation, inference, run_eval
 from ssd_jax.errors import CheckpointMismatchError, UserError
 
 try:  # torch and torchvision must be loaded before TensorFlow (the other order can segfault)
@@ -41,10 +42,10 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """(workdir, final eval metrics) of a 4-step run of the tiny config."""
-    from ssd_jax import train_lib
+    from ssd_jax import train
 
     workdir = str(tmp_path_factory.mktemp("run"))
-    _, metrics = train_lib.train_and_evaluate(tiny_config(), workdir)
+    _, metrics = train.train_and_evaluate(tiny_config(), workdir)
     return workdir, metrics
 
 
@@ -172,13 +173,13 @@ def test_predict_with_a_mismatched_checkpoint_is_a_clear_error(trained_run, tmp_
 
 def test_evaluate_matches_training_eval_and_writes_report(trained_run, tmp_path):
     workdir, train_metrics = trained_run
-    report = inference.evaluate_run(inference.load_run(workdir), progress=False)
+    report = run_eval.evaluate_run(inference.load_run(workdir), progress=False)
     assert report["step"] == 4 and report["metric"] == "voc07"
     assert report["metrics"]["num_images"] == train_metrics["num_images"] == 8
     np.testing.assert_allclose(report["metrics"]["mAP"], train_metrics["mAP"], rtol=1e-6)
     np.testing.assert_allclose(np.nan_to_num(report["metrics"]["AP"]),
                                np.nan_to_num(train_metrics["AP"]), rtol=1e-6)
-    paths = inference.write_eval_report(report, str(tmp_path / "eval"))
+    paths = run_eval.write_eval_report(report, str(tmp_path / "eval"))
     curves = report["curves"]
     printed = evaluation.per_class_table(report["class_names"], curves["AP"], curves["num_gt"])
     saved = json.loads(open(paths["metrics"]).read())
@@ -195,7 +196,7 @@ def test_evaluate_matches_training_eval_and_writes_report(trained_run, tmp_path)
 
 def test_evaluate_the_held_out_test_split_as_training_reported_it(trained_run):
     workdir, train_metrics = trained_run
-    report = inference.evaluate_run(inference.load_run(workdir), progress=False, split="test")
+    report = run_eval.evaluate_run(inference.load_run(workdir), progress=False, split="test")
     assert report["split"] == "test"
     test = train_metrics["test"]
     assert report["metrics"]["num_images"] == test["num_images"] == 8
@@ -209,10 +210,10 @@ def test_evaluate_with_another_dataset_config_checks_the_classes(trained_run):
     run = inference.load_run(workdir)
     dataset = tiny_config().dataset
     dataset.num_eval = 4
-    report = inference.evaluate_run(run, dataset_config=dataset, metric="voc", progress=False)
+    report = run_eval.evaluate_run(run, dataset_config=dataset, metric="voc", progress=False)
     assert report["metrics"]["num_images"] == 4 and report["metric"] == "voc"
     with pytest.raises(ValueError, match="config.metric"):
-        inference.evaluate_run(run, metric="nonsense")
+        run_eval.evaluate_run(run, metric="nonsense")
 
 
 # ----------------------------------------------------------------------------- torchvision parity
@@ -287,3 +288,28 @@ def test_a_caption_stays_whole_inside_the_picture(x0):
     cols = np.nonzero((row == color).all(axis=-1))[0]
     assert len(cols) == tb[2] - tb[0] + 5, (len(cols), tb)
     assert cols[0] == min(x0, 200 - 1 - (tb[2] - tb[0]) - 4)
+
+
+def test_predict_one_image_or_several(trained_run):
+    """`Predictor.predict(image)` with one [H,W,3] array read its rows as images; it now returns
+    that image's detections, equal to the same image in a list, and batches are sized to the
+    input (one image runs a batch of 1, not a padded batch of 8). A wrong shape names it."""
+    from ssd_jax.data import synthetic
+
+    workdir, _ = trained_run
+    predictor = inference.load_predictor(workdir=workdir)
+    images = [synthetic.generate_example(0, "val", i, image_size=128)["image"] for i in range(3)]
+    calls = []
+    original = predictor.fn
+    predictor = dataclasses.replace(predictor, fn=lambda v, x: calls.append(x.shape[0]) or
+                                    original(v, x))
+    one = predictor.predict(images[0])
+    assert isinstance(one, inference.ImageDetections) and calls == [1]
+    several = predictor.predict(images)
+    assert calls == [1, 3] and len(several) == 3
+    stacked = predictor.predict(np.stack(images))
+    for got in (one, several[0], stacked[0]):
+        np.testing.assert_allclose(got.boxes, one.boxes, atol=1e-4)
+        np.testing.assert_array_equal(got.labels, one.labels)
+    with pytest.raises(UserError, match=r"images\[0\] has shape \(128, 128\)"):
+        predictor.predict([images[0][..., 0]])

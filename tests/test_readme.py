@@ -23,3 +23,8 @@ def test_readme_api_example_runs():
     dets = scope["dets"]
     assert dets.boxes.shape == (1, 200, 4) and dets.scores.shape == (1, 200)
     assert dets.classes.shape == (1, 200) and dets.num_detections.shape == (1,)
+    # the training loop with the reusable step
+    assert len(scope["losses"]) == 3 and np.isfinite(scope["losses"]).all()
+    assert int(scope["state"].step) == 3 and int(scope["metrics"]["positives_per_image"]) >= 1
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert len(f.read().splitlines()) <= 350, "the README is a guide: measurements go to RESULTS.md"

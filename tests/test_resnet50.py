@@ -156,16 +156,16 @@ def test_convert_cli_resnet50(tv_resnet, tmp_path):
 
 
 def test_init_checkpoint_sets_params_and_batch_stats(tv_resnet, model, tmp_path):
-    # config.init_checkpoint = the converted backbone: train_lib merges both collections.
+    # config.init_checkpoint = the converted backbone: create_train_state merges both collections.
     import ml_collections
     import optax
 
-    from ssd_jax import train_lib
+    from ssd_jax import train
 
     converted = convert.resnet50_backbone_from_torchvision(tv_resnet.state_dict())
     convert.save_checkpoint(str(tmp_path / "ckpt"), converted)
     config = ml_collections.ConfigDict({"seed": 0, "init_checkpoint": str(tmp_path / "ckpt")})
-    state = train_lib.create_train_state(config, model, optax.sgd(0.1))
+    state = train.create_train_state(config, model, optax.sgd(0.1))
     for collection in ("params", "batch_stats"):
         jax.tree.map(np.testing.assert_array_equal, getattr(state, collection)["backbone"],
                      converted[collection]["backbone"])

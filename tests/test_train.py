@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import default
-from ssd_jax import train_lib
+from ssd_jax import config as config_lib
+from ssd_jax import models, train
+from ssd_jax.errors import WorkdirMismatchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +84,7 @@ def test_bad_config_is_a_clear_error(field, value, match):
     parent, _, leaf = field.rpartition(".")
     (config[parent] if parent else config)[leaf] = value
     with pytest.raises(ValueError, match=match):
-        train_lib.validate_config(config, num_devices=4, num_processes=1)
+        config_lib.validate(config, num_devices=4, num_processes=1)
 
 
 def test_missing_data_dir_fails_before_any_compile(tmp_path, monkeypatch):
@@ -91,13 +93,13 @@ def test_missing_data_dir_fails_before_any_compile(tmp_path, monkeypatch):
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled before the config was checked")
 
-    monkeypatch.setattr(train_lib, "make_steps", no_compile)
-    monkeypatch.setattr(train_lib, "create_train_state", no_compile)
+    monkeypatch.setattr(train.step, "make_steps", no_compile)
+    monkeypatch.setattr(train.state, "create_train_state", no_compile)
     with pytest.raises(ValueError, match="data_dir"):
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        train.train_and_evaluate(config, str(tmp_path))
     config.dataset.data_dir = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="nowhere"):
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        train.train_and_evaluate(config, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- learning
@@ -111,13 +113,13 @@ def test_loss_falls_when_overfitting_a_fixed_batch():
     config.warmup_steps = 0
     config.schedule = "piecewise"
     info = pipeline.get_dataset_info(config.dataset)
-    model = train_lib.create_model(config, info.num_classes)
-    tx = train_lib.create_optimizer(config)
-    steps = train_lib.make_steps(config, model, tx)
+    model = models.from_config(config, info.num_classes, axis_name="data")
+    tx = train.create_optimizer(config)
+    steps = train.make_steps(config, model, tx)
     it = pipeline.create_train_iterator(config.dataset, image_size=model.prior_spec.image_size,
                                         batch_size=8, max_boxes=config.max_boxes, seed=0)
     batch = steps.global_batch(next(it), ("image", "boxes", "labels"))
-    state = jax.device_put(train_lib.create_train_state(config, model, tx), steps.replicated)
+    state = jax.device_put(train.create_train_state(config, model, tx), steps.replicated)
     losses = []
     for _ in range(40):
         state, metrics = steps.train(state, batch)
@@ -152,7 +154,7 @@ def test_embedded_default_runs_end_to_end(tmp_path, monkeypatch):
     logging.getLogger("jax").addHandler(handler)
     try:
         with jax.log_compiles():
-            state, metrics = train_lib.train_and_evaluate(config, str(tmp_path))
+            state, metrics = train.train_and_evaluate(config, str(tmp_path))
     finally:
         logging.getLogger("jax").removeHandler(handler)
     # the worker processes start generating the training and validation images, then each step
@@ -184,40 +186,40 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path):
     # before any checkpoint: the message says so (it said "step None")
     with pytest.raises(FloatingPointError, match=r"in steps 1\.\.2; stopping: no checkpoint was "
                        r"written yet \(a rerun starts from step 0\)") as e:
-        train_lib.train_and_evaluate(config, str(tmp_path))
+        train.train_and_evaluate(config, str(tmp_path))
     assert "None" not in str(e.value)
 
 
 def test_workdir_with_another_config_is_refused_before_it_is_touched(tmp_path, monkeypatch):
     # three runs of a workdir: compiled without backend optimizations (what is tested is the
     # workdir's bookkeeping, not the numbers)
-    monkeypatch.setattr(train_lib, "make_steps", functools.partial(
-        train_lib.make_steps, compiler_options={"xla_backend_optimization_level": 0}))
+    monkeypatch.setattr(train.step, "make_steps", functools.partial(
+        train.step.make_steps, compiler_options={"xla_backend_optimization_level": 0}))
     config = tiny_config()
     config.num_train_steps = 2
     config.checkpoint_every_steps = 0
-    train_lib.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path))
     before = {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)}
     info = (tmp_path / "run_info.json").read_bytes()
     changed = tiny_config()
     changed.model.width_mult = 0.5
     changed.learning_rate = 0.5
-    with pytest.raises(train_lib.WorkdirMismatchError,
+    with pytest.raises(WorkdirMismatchError,
                        match=r"(?s)learning_rate: 0.01 in the workdir, 0.5 now.*model.width_mult: "
                              r"1.0 in the workdir, 0.5 now"):
-        train_lib.train_and_evaluate(changed, str(tmp_path))
+        train.train_and_evaluate(changed, str(tmp_path))
     assert (tmp_path / "run_info.json").read_bytes() == info
     assert {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)} == before
     # run length, logging and eval cadence may change: the same run goes on
     longer = tiny_config()
     longer.num_train_steps, longer.checkpoint_every_steps, longer.log_every_steps = 4, 0, 1
-    state, _ = train_lib.train_and_evaluate(longer, str(tmp_path))
+    state, _ = train.train_and_evaluate(longer, str(tmp_path))
     assert int(state.step) == 4
     # a checkpoint without its run_info.json (an older run): orbax's shape error becomes a message
     os.remove(tmp_path / "run_info.json")
-    with pytest.raises(train_lib.WorkdirMismatchError, match=r"checkpoint of step 4 .* does not "
+    with pytest.raises(WorkdirMismatchError, match=r"checkpoint of step 4 .* does not "
                        r"fit the model and optimizer of this config"):
-        train_lib.train_and_evaluate(changed, str(tmp_path))
+        train.train_and_evaluate(changed, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- parallelism
@@ -227,7 +229,7 @@ _ONE_VS_EIGHT = """
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
     from jax.sharding import Mesh
-    from ssd_jax import train_lib
+    from ssd_jax import models, train
     from ssd_jax.data import pipeline
     from tests.test_train import tiny_config
 
@@ -242,8 +244,8 @@ _ONE_VS_EIGHT = """
     config.learning_rate = 0.005
     config.dataset.canvas_size = 160
     info = pipeline.get_dataset_info(config.dataset)
-    model = train_lib.create_model(config, info.num_classes)
-    tx = train_lib.create_optimizer(config)
+    model = models.from_config(config, info.num_classes, axis_name="data")
+    tx = train.create_optimizer(config)
     size = model.prior_spec.image_size
     # One step with the host augmentation. The device mode's step is this same program after
     # augment_on_device, whose batch is checked bit for bit below (measured once: its whole step
@@ -253,11 +255,11 @@ _ONE_VS_EIGHT = """
     it = pipeline.create_train_iterator(config.dataset, image_size=size, batch_size=8,
                                         max_boxes=config.max_boxes, seed=0)
     local = [next(it)]  # one step, as the issue asks
-    keys = tuple(train_lib.train_batch_spec(config, size))
+    keys = tuple(train.train_batch_spec(config, size))
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        steps = train_lib.make_steps(config, model, tx, Mesh(np.array(devices), ("data",)))
-        state = jax.device_put(train_lib.create_train_state(config, model, tx),
+        steps = train.make_steps(config, model, tx, Mesh(np.array(devices), ("data",)))
+        state = jax.device_put(train.create_train_state(config, model, tx),
                                steps.replicated)
         for b in local:
             state, metrics = steps.train(state, steps.global_batch(b, keys))
@@ -266,7 +268,7 @@ _ONE_VS_EIGHT = """
     (p1, s1, l1), (p8, s8, l8) = results
     np.testing.assert_allclose(l1, l8, rtol=1e-5)
     moved = 0.0
-    p0 = jax.device_get(train_lib.create_train_state(config, model, tx).params)
+    p0 = jax.device_get(train.create_train_state(config, model, tx).params)
     for a, b, c in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(p0)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
         update = float(np.abs(a - c).max())
@@ -283,10 +285,10 @@ _ONE_VS_EIGHT = """
     config.dataset.augment_expand = config.dataset.augment_crop = True
     batch = next(pipeline.create_train_iterator(config.dataset, image_size=size, batch_size=8,
                                                 max_boxes=config.max_boxes, seed=0))
-    rng = train_lib.create_train_state(config, model, tx).rng
+    rng = train.create_train_state(config, model, tx).rng
     outs = []
     for devices in (jax.devices()[:1], jax.devices()):
-        fn = jax.shard_map(lambda b: train_lib.augment_on_device(b, rng, config, size),
+        fn = jax.shard_map(lambda b: train.augment_on_device(b, rng, config, size),
                            mesh=Mesh(np.array(devices), ("data",)), in_specs=P("data"),
                            out_specs=P("data"))
         outs.append(jax.device_get(jax.jit(fn)(batch)))
@@ -359,12 +361,12 @@ def test_sigint_and_sigterm_stop_at_the_next_step_boundary():
     assert threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        stop = train_lib._StopOnInterrupt()
+        stop = train.hooks.StopOnInterrupt()
         try:
             stop.check()  # nothing asked yet
             os.kill(os.getpid(), sig)
             assert stop.requested == sig.name
-            with pytest.raises(train_lib._StopRequested):
+            with pytest.raises(train.hooks.StopRequested):
                 stop.check()
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
@@ -379,13 +381,13 @@ def test_a_fresh_vgg16_run_without_a_backbone_checkpoint_is_warned():
     """The README's own-data VOC line (--config=ssd300_voc, no init_checkpoint) trained VGG16 from
     random weights without a word; the run now says so at its start, and how to convert one."""
     config = importlib.import_module("experiments.configs.ssd300_voc").get_config()
-    hint = train_lib.pretrained_backbone_hint(config, resuming=False)
+    hint = train.pretrained_backbone_hint(config, resuming=False)
     assert "config.init_checkpoint is empty" in hint and "--kind=vgg16" in hint
-    assert train_lib.pretrained_backbone_hint(config, resuming=True) is None
+    assert train.pretrained_backbone_hint(config, resuming=True) is None
     config.init_checkpoint = "ckpt"
-    assert train_lib.pretrained_backbone_hint(config, resuming=False) is None
+    assert train.pretrained_backbone_hint(config, resuming=False) is None
     default = importlib.import_module("experiments.configs.default").get_config()
-    assert train_lib.pretrained_backbone_hint(default, resuming=False) is None  # from scratch
+    assert train.pretrained_backbone_hint(default, resuming=False) is None  # from scratch
 
 
 def test_show_data_in_the_device_mode_draws_what_the_step_trains_on():
@@ -398,16 +400,16 @@ def test_show_data_in_the_device_mode_draws_what_the_step_trains_on():
     config.dataset.augment_on_device = True
     config.dataset.augment_expand = config.dataset.augment_crop = True
     info = pipeline.get_dataset_info(config.dataset)
-    model = train_lib.create_model(config, info.num_classes)
+    model = models.from_config(config, info.num_classes, axis_name="data")
     size = model.prior_spec.image_size
     it = pipeline.create_train_iterator(config.dataset, image_size=size, batch_size=4,
                                         max_boxes=config.max_boxes, seed=0)
     batch = next(it)
     assert batch["image"].shape[1] == config.dataset.canvas_size != size  # canvases
-    shown = train_lib.displayed_train_batch(config, batch, size)
+    shown = train.displayed_train_batch(config, batch, size)
     assert shown["image"].shape == (4, size, size, 3) and set(shown) >= {"boxes", "labels"}
-    state = train_lib.create_train_state(config, model, train_lib.create_optimizer(config))
-    trained = jax.device_get(train_lib.augment_on_device(batch, state.rng, config, size))
+    state = train.create_train_state(config, model, train.create_optimizer(config))
+    trained = jax.device_get(train.augment_on_device(batch, state.rng, config, size))
     for k in ("image", "boxes", "labels"):
         np.testing.assert_array_equal(shown[k], trained[k])
 
@@ -415,7 +417,6 @@ def test_show_data_in_the_device_mode_draws_what_the_step_trains_on():
 def test_dataset_paths_are_one_folder_however_typed(tmp_path, monkeypatch):
     """Resuming with 'coco/val' where the run was started with 'coco/val/' (or with the absolute
     path) was refused as another config; paths are compared normalized and stored absolute."""
-    from ssd_jax.data import sources
 
     monkeypatch.chdir(tmp_path)
     saved = default.get_config()
@@ -425,11 +426,11 @@ def test_dataset_paths_are_one_folder_however_typed(tmp_path, monkeypatch):
     as_saved = json.loads(saved.to_json_best_effort())  # what run_info.json holds
     for typed in ("coco/val", str(tmp_path / "coco" / "val"), "./coco/../coco/val"):
         now.dataset.eval_images = typed
-        assert train_lib.config_differences(as_saved, now) == [], typed
+        assert config_lib.differences(as_saved, now) == [], typed
     now.dataset.eval_images = "coco/train"
-    assert train_lib.config_differences(as_saved, now) == [
+    assert config_lib.differences(as_saved, now) == [
         f"dataset.eval_images: {str(tmp_path / 'coco/val')!r} in the workdir, "
         f"{str(tmp_path / 'coco/train')!r} now"]
-    sources.resolve_paths(saved.dataset)
+    config_lib.resolve_paths(saved.dataset)
     assert saved.dataset.eval_images == str(tmp_path / "coco" / "val")
-    assert saved.dataset.train_images == "" and sources.normalize_path("gs://b/x/") == "gs://b/x/"
+    assert saved.dataset.train_images == "" and config_lib.normalize_path("gs://b/x/") == "gs://b/x/"

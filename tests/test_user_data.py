@@ -264,7 +264,7 @@ def _folder(tmp_path, boxes_px: list[list[float]], side: int = 300) -> dict:
 
 def test_no_usable_box_stops_before_any_compile(tmp_path, monkeypatch):
     from experiments.configs import default
-    from ssd_jax import train_lib
+    from ssd_jax import train
 
     config = default.get_config()
     config.dataset = dataset_config(**_folder(tmp_path, [[50, 50, -20, 30], [10, 10, -5, 8]]))
@@ -272,10 +272,10 @@ def test_no_usable_box_stops_before_any_compile(tmp_path, monkeypatch):
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled before the data was checked")
 
-    monkeypatch.setattr(train_lib, "make_steps", no_compile)
-    monkeypatch.setattr(train_lib, "create_train_state", no_compile)
+    monkeypatch.setattr(train.step, "make_steps", no_compile)
+    monkeypatch.setattr(train.state, "create_train_state", no_compile)
     with pytest.raises(DataError, match=r"only 0 of 6 annotated boxes.*zero-area, negative"):
-        train_lib.train_and_evaluate(config, str(tmp_path / "work"))
+        train.train_and_evaluate(config, str(tmp_path / "work"))
     assert not os.path.exists(tmp_path / "work" / "run_info.json")
 
 

@@ -28,7 +28,7 @@ import jax
 from absl import flags
 
 from experiments.benchmarks import model as model_suite
-from ssd_jax import cli, train_lib
+from ssd_jax import cli, models
 from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -112,7 +112,7 @@ def profile(out: str, program: str, name: str, batch: int, dtype_name: str, step
     returns the report text."""
     if program == "train":
         config = model_suite.voc_train_config(name, dtype_name)
-        model = train_lib.create_model(config, model_suite.NUM_CLASSES)
+        model = models.from_config(config, model_suite.NUM_CLASSES, axis_name="data")
         run_step = model_suite.train_step(config, model, batch)
     else:
         run_step = _inference_step(name, batch, dtype_name)

@@ -1,9 +1,9 @@
 """Model suite: forward and train-step throughput of each registered model.
 
-The train step is the product's: `train_lib.make_steps(config, model, tx).train` (the shard_mapped,
+The train step is the product's: `train.make_steps(config, model, tx).train` (the shard_mapped,
 jitted step that `train_and_evaluate` runs: `match_batch`, forward, `multibox_loss` with hard
 negative mining, value + grad, SGD momentum + weight decay, state donated) with the optimizer of
-`train_lib.create_optimizer`, under the training fields of experiments/configs/ssd300_voc.py
+`train.create_optimizer`, under the training fields of experiments/configs/ssd300_voc.py
 (`voc_train_config`), on synthetic data already on the device. The peer is torchvision's
 ssd300_vgg16 at the same batch: backbone + head forward (no post-processing) and the train step
 `model(images, targets)` loss + backward + SGD. The peer of ssdlite320_mobilenet_v3 is
@@ -35,7 +35,7 @@ from experiments.benchmarks.common import (
     time_jax,
     time_torch,
 )
-from ssd_jax import models, train_lib
+from ssd_jax import models, train
 from ssd_jax.errors import UserError
 
 MODEL_NAMES = ("ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3", "ssd300_resnet50",
@@ -73,7 +73,7 @@ def _synthetic(batch: int, size: int, seed: int = 0):
 
 
 class _Config(dict):
-    """Attribute access over a dict: what train_lib reads of a ConfigDict, without ml_collections
+    """Attribute access over a dict: what the trainer reads of a ConfigDict, without ml_collections
     (absent on a bare accelerator host)."""
 
     __getattr__ = dict.__getitem__
@@ -91,8 +91,11 @@ VOC_TRAIN_FIELDS = dict(
 
 def voc_train_config(name: str, dtype_name: str) -> _Config:
     """The SSD300 VOC recipe's step-relevant config for model `name` in fp32 or bf16 compute."""
+    # detect: the eval step beside the train step is built, never run here (the paper's values)
     return _Config(VOC_TRAIN_FIELDS, model=_Config(name=name),
                    dataset=_Config(augment_on_device=False),
+                   detect=_Config(score_threshold=0.01, pre_nms_top_k=400, iou_threshold=0.45,
+                                  max_detections=200),
                    dtype="bfloat16" if dtype_name == "bf16" else "float32")
 
 
@@ -108,7 +111,7 @@ def _time_augment(size: int, batch: int, timing: dict) -> float:
     AUGMENT_CANVAS px to `size`: what the device mode adds to each train step."""
     import jax.numpy as jnp
 
-    from ssd_jax import augment
+    from ssd_jax import device_augment as augment
 
     images, _, _ = _synthetic(batch, AUGMENT_CANVAS)
     rng = np.random.default_rng(1)
@@ -133,9 +136,9 @@ def train_step(config: Any, model: models.SSD, batch: int) -> Any:
     """`run_step()`: one product train step of `model` under `config` on a synthetic batch
     already on the device (the state donated and kept); returns the loss."""
     images, boxes, labels = _synthetic(batch, model.prior_spec.image_size)
-    tx = train_lib.create_optimizer(config)
-    steps = train_lib.make_steps(config, model, tx, jax.make_mesh((1,), ("data",)))
-    state = [jax.device_put(train_lib.create_train_state(config, model, tx), steps.replicated)]
+    tx = train.create_optimizer(config)
+    steps = train.make_steps(config, model, tx, jax.make_mesh((1,), ("data",)))
+    state = [jax.device_put(train.create_train_state(config, model, tx), steps.replicated)]
     data = steps.global_batch({"image": images, "boxes": boxes, "labels": labels},
                               ("image", "boxes", "labels"))
 
@@ -151,7 +154,7 @@ def _time_ours(name: str, batch: int, dtype_name: str, timing: dict
     """(forward, train step) seconds per call of our model `name`, its description, and the
     train step's achieved TFLOP/s (counted as three forward passes)."""
     config = voc_train_config(name, dtype_name)
-    model = train_lib.create_model(config, NUM_CLASSES)
+    model = models.from_config(config, NUM_CLASSES, axis_name="data")
     images, _, _ = _synthetic(batch, model.prior_spec.image_size)
 
     plain = model.with_bn_axis_name(None)  # the forward runs outside shard_map

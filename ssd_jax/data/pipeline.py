@@ -34,12 +34,16 @@ boxes are clipped / dropped in the graph. At run time undecodable images are ski
 replaced as above; eval: their slot becomes a masked padding example), grayscale/RGBA/CMYK images
 converted to RGB and boxes past max_boxes truncated. Everything is counted in the pipeline's
 `stats` (and each iterator's `.stats`); the training loop reports them at each evaluation.
+
+Over 500 lines on purpose: training and evaluation batches share the loading, skipping and
+counting of examples, one concept (the input pipeline) with its tf.data plumbing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import threading
@@ -48,10 +52,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from absl import logging
 
-from ssd_jax.data import augment, sources
+from ssd_jax.data import host_augment, sources
 from ssd_jax.data.tf_compat import tf
+
+log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
 _FALLBACK_TRIES = 8
@@ -137,7 +142,7 @@ class InputPipeline:
             if isinstance(src, sources.Table):
                 self.count(src.stats, split)
                 for w in src.warnings:
-                    logging.warning("%s", w)
+                    log.warning("%s", w)
                 self.warnings += src.warnings
             self._sources[key] = src
         return self._sources[key]
@@ -232,11 +237,6 @@ def get_dataset_info(dataset_cfg: Any) -> DatasetInfo:
 def create_train_iterator(dataset_cfg: Any, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
     """`InputPipeline(dataset_cfg).train_iterator(**kwargs)` (a pipeline of its own)."""
     return InputPipeline(dataset_cfg).train_iterator(**kwargs)
-
-
-def make_train_dataset(dataset_cfg: Any, **kwargs: Any) -> tf.data.Dataset:
-    """`InputPipeline(dataset_cfg).train_dataset(**kwargs)`."""
-    return InputPipeline(dataset_cfg).train_dataset(**kwargs)
 
 
 def create_eval_iterator(dataset_cfg: Any, **kwargs: Any) -> EvalIterator:
@@ -438,13 +438,13 @@ def _make_train_dataset(data: InputPipeline, *, image_size: int, batch_size: int
     def prepare(ex):
         """The augmented example, padded; in the device mode only the image on its canvas, its
         size there, the unaugmented boxes and the example's index: the jitted train step
-        augments (ssd_jax.augment.augment_batch)."""
+        augments (ssd_jax.device_augment.augment_batch)."""
         if on_device:
-            image, hw = augment.fit_to_canvas(ex["image"], canvas)
+            image, hw = host_augment.fit_to_canvas(ex["image"], canvas)
             boxes, labels = tf.reshape(ex["boxes"], [-1, 4]), ex["labels"]
             out = {"image": image, "image_size": hw, "index": ex["index"]}
         else:
-            image, boxes, labels = augment.train_augment(
+            image, boxes, labels = host_augment.train_augment(
                 ex["image"], ex["boxes"], ex["labels"], ex["seed"], size=size,
                 max_expand=max_expand, **steps)
             out = {"image": image}
@@ -633,7 +633,7 @@ def _make_eval_iterator(data: InputPipeline, *, image_size: int, batch_size: int
     def prepare(ex):
         shape = tf.shape(ex["image"])
         n = tf.shape(ex["boxes"])[0]
-        out = {"image": augment.eval_resize(ex["image"], size),
+        out = {"image": host_augment.eval_resize(ex["image"], size),
                "boxes": _pad(ex["boxes"], m), "labels": _pad(ex["labels"], m),
                "difficult": _pad(ex["difficult"], m), "iscrowd": _pad(ex["iscrowd"], m),
                "image_size": tf.cast(shape[:2], tf.int32), "image_id": ex["image_id"],

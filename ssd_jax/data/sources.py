@@ -22,6 +22,9 @@ The first three are *tables*: annotations held in memory as numpy arrays (ragged
 images decoded on demand by index, so the pipeline has random access. Annotation problems are
 repaired here once and counted (`Table.stats`): out-of-range boxes clipped, degenerate boxes
 dropped, annotations of missing image files dropped, images without objects kept as negatives.
+
+Over 500 lines on purpose: the four dataset kinds share one contract (`Table`, its repairs and
+their counts), and each reader is about 100 lines; a split by kind would scatter that contract.
 """
 
 from __future__ import annotations
@@ -29,19 +32,21 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
 from typing import Any
 
 import numpy as np
-from absl import logging
 
+from ssd_jax.config import KIND_COMMON, KIND_FIELDS, KINDS
 from ssd_jax.data.tf_compat import tf
 from ssd_jax.errors import ConfigError, DataError
 from ssd_jax.image import image_id_from_name
 
-KINDS = ("synthetic", "coco_json", "voc_xml", "tfds")
+log = logging.getLogger(__name__)
+
 _MIN_BOX_SIDE = 1e-4  # boxes thinner than this (normalized) after clipping are degenerate
 #: repair counters that drop an annotated box, and what each means
 _BOX_DROPS = {
@@ -49,16 +54,6 @@ _BOX_DROPS = {
     "annotations_invalid_dropped": "unknown category id or a bbox without 4 numbers",
     "annotations_unknown_class_dropped": "class name not in config.dataset.class_names",
 }
-#: fields of config.dataset each kind reads (every kind also reads KIND_COMMON)
-KIND_FIELDS = {
-    "synthetic": ("seed", "num_train", "num_eval", "num_test", "test_seed", "image_size",
-                  "max_object_size", "cache_dir", "generate_processes"),
-    "tfds": ("name", "data_dir", "train_split", "eval_split", "shuffle_buffer", "use_difficult"),
-    "coco_json": ("train_annotations", "train_images", "eval_annotations", "eval_images"),
-    "voc_xml": ("root", "train_split", "eval_split", "class_names", "use_difficult"),
-}
-KIND_COMMON = ("kind", "augment_photometric", "augment_expand", "max_expand", "augment_crop",
-               "augment_flip", "augment_on_device", "canvas_size")
 
 
 @dataclasses.dataclass
@@ -220,12 +215,12 @@ def _describe(stats: Counter) -> str:
 
 def field(cfg: Any, name: str) -> Any:
     """``config.dataset.<name>``; ConfigError if the config does not declare it (every field has
-    its default in experiments/configs/default.py, none here)."""
+    its default in `ssd_jax.config.get_config()`, none here)."""
     try:
         return cfg[name]
     except (KeyError, AttributeError, TypeError):
         raise ConfigError(f"config.dataset.{name} is missing: start from the dataset of "
-                          "experiments/configs/default.py, which declares every field") from None
+                          "ssd_jax.config.get_config(), which declares every field") from None
 
 
 def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval")) -> None:
@@ -290,25 +285,6 @@ def validate_dataset_config(cfg: Any, splits: tuple[str, ...] = ("train", "eval"
                 raise ConfigError(f"config.dataset.{split}={field(cfg, split)!r}: {path} not found")
 
 
-#: config.dataset fields that name files or folders: stored absolute and normalized, so a run
-#: is found again (resume, evaluate, predict) from any folder and however the path was typed.
-PATH_FIELDS = ("data_dir", "cache_dir", "train_annotations", "train_images", "eval_annotations",
-               "eval_images", "root")
-
-
-def normalize_path(path: str) -> str:
-    """`path` absolute and normalized (no trailing slash, no `..`); "" and URLs (gs://...) as
-    they are."""
-    if not path or "://" in path:
-        return path
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def resolve_paths(cfg: Any) -> None:
-    """Every PATH_FIELDS entry of config.dataset `cfg`, in place, by `normalize_path`."""
-    for name in PATH_FIELDS:
-        if name in cfg and isinstance(cfg[name], str):
-            cfg[name] = normalize_path(cfg[name])
 
 
 def _list_dir(path: str) -> set[str]:
@@ -762,7 +738,7 @@ def category_ids_of(class_names: tuple[str, ...], tfds_names: tuple[str, ...] = 
         ids = [by_name.get(c.replace("_", " ")) for c in class_names]
         if all(i is not None for i in ids):
             return tuple(int(i) for i in ids)
-        logging.warning("TFDS %s class names do not all match COCO's; category ids are the labels",
+        log.warning("TFDS %s class names do not all match COCO's; category ids are the labels",
                         tfds_names)
     return tuple(range(1, len(class_names) + 1))
 
@@ -814,7 +790,7 @@ def load_source(cfg: Any, split: str, job: Any = None,
     if isinstance(src, Table):
         what = f"config.dataset ({kind}, {split} split)"
         src.check_usable(what)
-        logging.info("dataset %s/%s: %d images, %d boxes, %d classes; repairs: %s", kind, split,
+        log.info("dataset %s/%s: %d images, %d boxes, %d classes; repairs: %s", kind, split,
                      len(src), len(src.labels), len(src.class_names), _describe(src.stats))
     return src
 

@@ -26,6 +26,9 @@ per 256x256 image on one core. Thread-safe (scratch buffers are per thread).
 
 `generate_example_with_masks` also returns the per-pixel owner map (visible mask of each object),
 for tests and debugging; `render_preview` draws a grid of examples with their boxes to a PNG.
+
+Over 500 lines on purpose: the renderer and the worker processes that run it share the split's
+seeding rule, which must stay one definition (the images are the same in-process or in workers).
 """
 
 from __future__ import annotations

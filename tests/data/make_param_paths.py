@@ -17,13 +17,15 @@ from ssd_jax import models
 CASES = {
     "ssd300_vgg16": ("ssd300_vgg16", 21, {}),
     "ssd512_vgg16": ("ssd512_vgg16", 21, {}),
-    "compact_6": ("compact", 7, {"num_maps": 6}),
-    "compact_5": ("compact", 7, {"num_maps": 5}),
-    "compact_6_top_down": ("compact", 7, {"num_maps": 6, "top_down": True}),
-    "compact_5_top_down": ("compact", 7, {"num_maps": 5, "top_down": True}),
-    "compact_6_half": ("compact", 7, {"num_maps": 6, "width_mult": 0.5}),
+    # the compact cases pin the former builder default's depths (the recipe's (0, 3, 1, 1) is the
+    # default since issue 34): the same trees as when the file was written
+    "compact_6": ("compact", 7, {"num_maps": 6, "depths": (0, 1, 1, 1)}),
+    "compact_5": ("compact", 7, {"num_maps": 5, "depths": (0, 1, 1, 1)}),
+    "compact_6_top_down": ("compact", 7, {"num_maps": 6, "top_down": True, "depths": (0, 1, 1, 1)}),
+    "compact_5_top_down": ("compact", 7, {"num_maps": 5, "top_down": True, "depths": (0, 1, 1, 1)}),
+    "compact_6_half": ("compact", 7, {"num_maps": 6, "width_mult": 0.5, "depths": (0, 1, 1, 1)}),
     "compact_5_top_down_half": ("compact", 7, {"num_maps": 5, "top_down": True,
-                                               "width_mult": 0.5}),
+                                               "width_mult": 0.5, "depths": (0, 1, 1, 1)}),
     "ssd300_resnet50": ("ssd300_resnet50", 81, {}),
 }
 

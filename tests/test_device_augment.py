@@ -1,6 +1,6 @@
-"""ssd_jax.augment, the on-device SSD augmentation: geometry (pixels and boxes move together),
+"""ssd_jax.device_augment, the on-device SSD augmentation: geometry (pixels and boxes move together),
 the min-IoU rule, the colour ops against TensorFlow's, and its statistics against the tf.data
-augmentation's (ssd_jax.data.augment) on the same boxes."""
+augmentation's (ssd_jax.data.host_augment) on the same boxes."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import augment
-from ssd_jax.data import augment as host_augment
+from ssd_jax import augment_params
+from ssd_jax import device_augment as augment
+from ssd_jax.data import host_augment
 from ssd_jax.data.tf_compat import tf
 from ssd_jax.models import CAFFE_MEAN
-from tests.test_data_augment import COLORS, GEOMETRY_CASES, _check_paint_inside, _painted
+from tests.test_host_augment import COLORS, GEOMETRY_CASES, _check_paint_inside, _painted
 
 
 def _canvas(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,15 +144,15 @@ def test_the_min_iou_rule_holds_for_every_kept_crop():
     window, sampler, found = jax.jit(jax.vmap(augment.sample_min_iou_crop))(keys, boxes, valid,
                                                                             aspect)
     window, sampler, found = map(np.asarray, (window, sampler, found))
-    assert found.shape == (n, augment.NUM_SAMPLERS) and found[:, 0].all()
-    assert set(range(augment.NUM_SAMPLERS)) - {5} <= set(np.unique(sampler))  # 0.9: rarely
+    assert found.shape == (n, augment_params.NUM_SAMPLERS) and found[:, 0].all()
+    assert set(range(augment_params.NUM_SAMPLERS)) - {5} <= set(np.unique(sampler))  # 0.9: rarely
     assert found[np.arange(n), sampler].all()  # the pick is one of the candidates there were
     assert (sampler[~valid.any(1)] == 0).all()  # nothing to crop around: the whole image
     whole = sampler == 0
     np.testing.assert_array_equal(window[whole], np.tile([0, 0, 1, 1], (whole.sum(), 1)))
-    for s in range(1, augment.NUM_SAMPLERS):  # every sampler finds patches (0.9 rarely)
+    for s in range(1, augment_params.NUM_SAMPLERS):  # every sampler finds patches (0.9 rarely)
         assert found[valid.any(1), s].mean() > (0.3 if s in (1, 6) else 0.0005), s
-    min_ious = (-1.0, *augment.MIN_IOUS, -1.0)
+    min_ious = (-1.0, *augment_params.MIN_IOUS, -1.0)
     for i in np.nonzero(~whole)[0]:
         w = window[i]
         assert 0 <= w[0] < w[2] <= 1 + 1e-6 and 0 <= w[1] < w[3] <= 1 + 1e-6
@@ -335,7 +336,7 @@ def test_statistics_match_the_host_augmentation():
     for name in ("expand", "flip"):
         p = host[name].mean()
         close(name, dev[name].mean(), p, np.sqrt(2 * p * (1 - p) / n))
-    for s in range(augment.NUM_SAMPLERS):
+    for s in range(augment_params.NUM_SAMPLERS):
         h = host["found"][:, s].mean()
         close(f"sampler {s} finds a patch", dev["found"][:, s].mean(), h,
               np.sqrt(2 * max(h * (1 - h), 1e-4) / n))

@@ -40,7 +40,7 @@ Where step 2 still differs from Caffe's code, and why:
     torchvision's `RandomIoUCrop` (its SSD recipe) and ssd.pytorch's `RandomSampleCrop` do: on a
     500x375 VOC image Caffe's limit allows a pixel aspect of 2.67, and this one is the rule of
     the peer the tests run (tests/test_crop_reference.py draws Caffe's selection rule in numpy
-    and torchvision's transforms against this module's and ssd_jax.augment's samplers).
+    and torchvision's transforms against this module's and ssd_jax.device_augment's samplers).
   * Every patch must contain the centre of at least one ground-truth box (torchvision and
     ssd.pytorch too). Caffe's min-IoU samplers test IoU only and its unconstrained one only asks
     that the image has a box, so a Caffe patch can keep no box at all, an image of background
@@ -59,14 +59,8 @@ Where step 2 still differs from Caffe's code, and why:
 
 from __future__ import annotations
 
+from ssd_jax import augment_params as params
 from ssd_jax.data.tf_compat import tf
-from ssd_jax.models import CAFFE_MEAN
-
-MEAN_RGB = CAFFE_MEAN  # the fill of zoom-out canvases: the mean the VGG/compact models subtract
-MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
-NUM_SAMPLERS = 2 + len(MIN_IOUS)  # whole image, 5 min-IoU samplers, unconstrained patch
-SAMPLER_MIN_IOUS = (*MIN_IOUS, -1.0)  # the 6 patch samplers' minimum IoU (-1: unconstrained)
-NUM_TRIALS = 50
 
 
 def _seeds(seed: tf.Tensor, n: int) -> tf.Tensor:
@@ -90,7 +84,8 @@ def box_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return inter / tf.maximum(area_a + area_b - inter, 1e-12)
 
 
-def sample_expand(seed: tf.Tensor, *, prob: float = 0.5, max_ratio: float = 4.0) -> tf.Tensor:
+def sample_expand(seed: tf.Tensor, *, prob: float = params.EXPAND_PROB,
+                  max_ratio: float = params.MAX_EXPAND) -> tf.Tensor:
     """Where the image lands on the zoom-out canvas: [ox, oy, r] (canvas-normalized offset of the
     image's top-left corner, and the canvas/image size ratio; r = 1 and offset 0 when not applied).
     """
@@ -103,8 +98,9 @@ def sample_expand(seed: tf.Tensor, *, prob: float = 0.5, max_ratio: float = 4.0)
 
 def sample_min_iou_crop(
     boxes: tf.Tensor, seed: tf.Tensor, pixel_aspect: tf.Tensor, *,
-    min_scale: float = 0.3, min_aspect: float = 0.5, max_aspect: float = 2.0,
-    num_trials: int = NUM_TRIALS, return_sampler: bool = False,
+    min_scale: float = params.MIN_SCALE, min_aspect: float = params.MIN_ASPECT,
+    max_aspect: float = params.MAX_ASPECT,
+    num_trials: int = params.NUM_TRIALS, return_sampler: bool = False,
 ) -> tuple[tf.Tensor, ...]:
     """The paper's min-IoU crop as Caffe's `GenerateBatchSamples` runs it, all trials at once.
 
@@ -126,7 +122,7 @@ def sample_min_iou_crop(
     """
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     s = _seeds(seed, 5)
-    num = NUM_SAMPLERS - 1
+    num = params.NUM_SAMPLERS - 1
     w = _uniform(s[0], (num, num_trials), min_scale, 1.0)
     h = _uniform(s[1], (num, num_trials), min_scale, 1.0)
     aspect = w * tf.cast(pixel_aspect, tf.float32) / h
@@ -137,7 +133,7 @@ def sample_min_iou_crop(
     iou = box_iou(flat, boxes)  # [S*T,N]
     max_iou = tf.reduce_max(tf.concat([iou, tf.fill([num * num_trials, 1], -1.0)], 1), axis=1)
     centre_in = tf.reduce_any(_centres_inside(boxes, flat), axis=1)
-    min_iou = tf.constant(SAMPLER_MIN_IOUS, tf.float32)[:, None]
+    min_iou = tf.constant(params.SAMPLER_MIN_IOUS, tf.float32)[:, None]
     ok = (aspect >= min_aspect) & (aspect <= max_aspect)
     ok &= (tf.reshape(max_iou, [num, num_trials]) >= min_iou)
     ok &= tf.reshape(centre_in, [num, num_trials])
@@ -147,7 +143,7 @@ def sample_min_iou_crop(
     found = tf.concat([[True], tf.reduce_any(ok, axis=1)], 0)
     sampler = _pick_uniform(s[4], found)
     crop = candidates[sampler]
-    min_iou = tf.constant((-1.0, *SAMPLER_MIN_IOUS), tf.float32)[sampler]
+    min_iou = tf.constant((-1.0, *params.SAMPLER_MIN_IOUS), tf.float32)[sampler]
     if return_sampler:
         return crop, min_iou, sampler, found
     return crop, min_iou
@@ -213,7 +209,7 @@ def render_window(image: tf.Tensor, window: tf.Tensor, size: int, flip: tf.Tenso
     """
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
-    mean = tf.constant(MEAN_RGB, tf.float32)
+    mean = tf.constant(params.FILL_RGB, tf.float32)
     x0, y0, x1, y1 = tf.unstack(window)
     flip = tf.convert_to_tensor(flip)
     xs, xe = tf.where(flip, x1, x0), tf.where(flip, x0, x1)
@@ -234,7 +230,7 @@ def render_window(image: tf.Tensor, window: tf.Tensor, size: int, flip: tf.Tenso
 def _render_whole(image: tf.Tensor, flip: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """`render_window(image, [0, 0, 1, 1], side, flip)` for a square uint8 image of that side,
     bit for bit, at a fraction of the cost: each output pixel is one input pixel (crop_and_resize
-    adds zero-weighted neighbours), and with MEAN_RGB in whole numbers the mean's subtraction and
+    adds zero-weighted neighbours), and with FILL_RGB in whole numbers the mean's subtraction and
     addition around it are exact in float32 (tests: every uint8 value, both flips)."""
     img = tf.cast(image, tf.float32)
     img = tf.cond(flip, lambda: tf.reverse(img, axis=[1]), lambda: img)
@@ -248,12 +244,12 @@ def photometric_distort(image: tf.Tensor, seed: tf.Tensor, valid: tf.Tensor | No
     pixels: the rest keep their value, and contrast's grey mean is taken over image pixels only.
     """
     s = _seeds(seed, 7)
-    coins = _uniform(s[0], (4,)) < 0.5
+    coins = _uniform(s[0], (4,)) < params.PHOTOMETRIC_PROB
     order = tf.argsort(_uniform(s[1], (4,)))
-    delta = _uniform(s[2], (), -32.0 / 255.0, 32.0 / 255.0)
-    contrast = _uniform(s[3], (), 0.5, 1.5)
-    saturation = _uniform(s[4], (), 0.5, 1.5)
-    hue = _uniform(s[5], (), -18.0 / 360.0, 18.0 / 360.0)
+    delta = _uniform(s[2], (), -params.BRIGHTNESS_DELTA / 255.0, params.BRIGHTNESS_DELTA / 255.0)
+    contrast = _uniform(s[3], (), *params.CONTRAST_RANGE)
+    saturation = _uniform(s[4], (), *params.SATURATION_RANGE)
+    hue = _uniform(s[5], (), -params.HUE_DELTA_DEGREES / 360.0, params.HUE_DELTA_DEGREES / 360.0)
     weights = tf.ones_like(image[..., :1]) if valid is None else valid
     x = image / 255.0
 
@@ -303,7 +299,7 @@ def sample_geometry(boxes: tf.Tensor, seed: tf.Tensor, pixel_aspect: tf.Tensor, 
                                                         return_sampler=True)
     else:
         window, sampler = tf.constant([0.0, 0.0, 1.0, 1.0]), tf.constant(0)
-        found = tf.range(NUM_SAMPLERS) == 0
+        found = tf.range(params.NUM_SAMPLERS) == 0
     out_boxes, keep = crop_boxes(canvas_boxes, window)
     # 3. flip.
     do_flip = (_uniform(s[2]) < 0.5) if flip else tf.constant(False)
@@ -354,7 +350,7 @@ def train_augment(
 
 
 def fit_to_canvas(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """The host side of the device mode (`ssd_jax.augment`): uint8 [H,W,3] -> (uint8 [h,w,3] with
+    """The host side of the device mode (`ssd_jax.device_augment`): uint8 [H,W,3] -> (uint8 [h,w,3] with
     h, w <= size, int32 [2] (h, w)).
 
     The image itself when it fits (no resampling: for VOC's <= 500 px images in a 512 canvas

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssd_jax.data import augment
+from ssd_jax import augment_params
+from ssd_jax.data import host_augment as augment
 from ssd_jax.data.tf_compat import tf
 
 COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
@@ -43,7 +44,7 @@ def _check_paint_inside(out: np.ndarray, boxes: np.ndarray, labels: np.ndarray, 
             assert inner.mean() > 0.95, (k, inner.mean())
 
 
-#: each geometric step alone, then all together (also the device version's cases: test_augment)
+#: each geometric step alone, then all together (also the device version's cases: test_device_augment)
 GEOMETRY_CASES = [
     dict(expand=True, crop=False, flip=False),
     dict(expand=False, crop=True, flip=False),
@@ -104,7 +105,7 @@ def test_expand_fill_is_mean():
                              tf.constant([5, i], tf.int64), size=32, photometric=True,
                              expand=True, crop=False, flip=False)
         out = out.numpy().reshape(-1, 3)
-        fill = np.any(out != out[0] * 0, axis=1) & (np.abs(out.astype(int) - augment.MEAN_RGB)
+        fill = np.any(out != out[0] * 0, axis=1) & (np.abs(out.astype(int) - augment_params.FILL_RGB)
                                                    .max(axis=1) <= 1)
         if fill.any():
             return

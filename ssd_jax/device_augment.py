@@ -1,6 +1,6 @@
 """The SSD training augmentation as pure JAX functions: jitted, vmapped over the batch, on device.
 
-The same samplers, probabilities and ranges as the tf.data version (`ssd_jax.data.augment`, whose
+The same samplers, probabilities and ranges as the tf.data version (`ssd_jax.data.host_augment`, whose
 docstring cites the paper and the Caffe reference), for the pipeline mode in which the host only
 decodes each image onto a fixed canvas (`config.dataset.augment_on_device`):
 
@@ -12,7 +12,7 @@ decodes each image onto a fixed canvas (`config.dataset.augment_on_device`):
    patch that passes is a candidate, and one candidate is picked uniformly among the whole image
    and those (an image without boxes: the whole image). Boxes whose centre lies inside the patch
    are kept and clipped to it; the others become padding (label 0, zero box) in place. The
-   differences from Caffe's code that remain, and why, are listed in `ssd_jax.data.augment`;
+   differences from Caffe's code that remain, and why, are listed in `ssd_jax.data.host_augment`;
 3. horizontal flip with p 0.5;
 4. one bilinear resample of the image to out_size x out_size for steps 1-3 together (the crop
    window mapped back to image coordinates; the mean outside the image), half-pixel centres and
@@ -24,7 +24,7 @@ decodes each image onto a fixed canvas (`config.dataset.augment_on_device`):
 
 Shapes are static throughout: a batch of B canvases uint8 [B, C, C, 3], each holding its image
 in the top-left (h, w) pixels given by `image_sizes` (the host pads each image into its canvas;
-`ssd_jax.data.augment.fit_to_canvas` scales down only images larger than it), and M padded boxes
+`ssd_jax.data.host_augment.fit_to_canvas` scales down only images larger than it), and M padded boxes
 per image. Boxes are
 normalized corners (xmin, ymin, xmax, ymax), labels 1..K with 0 = padding, as everywhere in ssd_jax.
 
@@ -41,12 +41,23 @@ import jax
 import jax.numpy as jnp
 
 from ssd_jax import box_ops
-from ssd_jax.models import CAFFE_MEAN
+from ssd_jax.augment_params import (
+    BRIGHTNESS_DELTA,
+    CONTRAST_RANGE,
+    EXPAND_PROB,
+    FILL_RGB,
+    HUE_DELTA_DEGREES,
+    MAX_ASPECT,
+    MAX_EXPAND,
+    MIN_ASPECT,
+    MIN_SCALE,
+    NUM_SAMPLERS,
+    NUM_TRIALS,
+    PHOTOMETRIC_PROB,
+    SAMPLER_MIN_IOUS,
+    SATURATION_RANGE,
+)
 
-MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
-NUM_SAMPLERS = 2 + len(MIN_IOUS)  # whole image, 5 min-IoU samplers, unconstrained patch
-SAMPLER_MIN_IOUS = (*MIN_IOUS, -1.0)  # the 6 patch samplers' minimum IoU (-1: unconstrained)
-NUM_TRIALS = 50
 _WHOLE = (0.0, 0.0, 1.0, 1.0)
 
 
@@ -63,7 +74,7 @@ def centres_inside(boxes: jax.Array, windows: jax.Array) -> jax.Array:
     return (cx > w[..., 0]) & (cx < w[..., 2]) & (cy > w[..., 1]) & (cy < w[..., 3])
 
 
-def sample_expand(key: jax.Array, *, prob: float = 0.5, max_ratio: float = 4.0) -> jax.Array:
+def sample_expand(key: jax.Array, *, prob: float = EXPAND_PROB, max_ratio: float = MAX_EXPAND) -> jax.Array:
     """Where the image lands on the zoom-out canvas: [ox, oy, r], the canvas-normalized offset of
     the image's top-left corner and the canvas/image size ratio (0, 0, 1 when not applied)."""
     k_apply, k_ratio, k_offset = jax.random.split(key, 3)
@@ -74,8 +85,8 @@ def sample_expand(key: jax.Array, *, prob: float = 0.5, max_ratio: float = 4.0) 
 
 
 def sample_min_iou_crop(key: jax.Array, boxes: jax.Array, valid: jax.Array,
-                        pixel_aspect: jax.Array, *, min_scale: float = 0.3,
-                        min_aspect: float = 0.5, max_aspect: float = 2.0,
+                        pixel_aspect: jax.Array, *, min_scale: float = MIN_SCALE,
+                        min_aspect: float = MIN_ASPECT, max_aspect: float = MAX_ASPECT,
                         num_trials: int = NUM_TRIALS) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The paper's min-IoU crop as Caffe's `GenerateBatchSamples` runs it, all trials at once.
 
@@ -141,7 +152,7 @@ def flip_boxes(boxes: jax.Array) -> jax.Array:
 
 
 def render_window(canvas: jax.Array, image_size: jax.Array, window: jax.Array, out_size: int,
-                  flip: jax.Array, mean: Sequence[float] = CAFFE_MEAN
+                  flip: jax.Array, mean: Sequence[float] = FILL_RGB
                   ) -> tuple[jax.Array, jax.Array]:
     """Bilinear resample of `window` [4] (corner box normalized to the image; it may reach outside
     it, where `mean` fills in) to out_size x out_size, flipped left-right if `flip`.
@@ -196,12 +207,14 @@ def photometric_distort(key: jax.Array, image: jax.Array, valid: jax.Array | Non
     """
     ks = jax.random.split(key, 7)
     return distort(
-        image, valid, coins=jax.random.uniform(ks[0], (4,)) < 0.5,
+        image, valid, coins=jax.random.uniform(ks[0], (4,)) < PHOTOMETRIC_PROB,
         order=jnp.argsort(jax.random.uniform(ks[1], (4,))),
-        delta=jax.random.uniform(ks[2], minval=-32.0, maxval=32.0),
-        contrast=jax.random.uniform(ks[3], minval=0.5, maxval=1.5),
-        saturation=jax.random.uniform(ks[4], minval=0.5, maxval=1.5),
-        hue=jax.random.uniform(ks[5], minval=-18.0 / 360.0, maxval=18.0 / 360.0))
+        delta=jax.random.uniform(ks[2], minval=-BRIGHTNESS_DELTA, maxval=BRIGHTNESS_DELTA),
+        contrast=jax.random.uniform(ks[3], minval=CONTRAST_RANGE[0], maxval=CONTRAST_RANGE[1]),
+        saturation=jax.random.uniform(ks[4], minval=SATURATION_RANGE[0],
+                                      maxval=SATURATION_RANGE[1]),
+        hue=jax.random.uniform(ks[5], minval=-HUE_DELTA_DEGREES / 360.0,
+                               maxval=HUE_DELTA_DEGREES / 360.0))
 
 
 def distort(image: jax.Array, valid: jax.Array | None, *, coins: jax.Array, order: jax.Array,
@@ -276,7 +289,7 @@ def sample_geometry(key: jax.Array, image_size: jax.Array, boxes: jax.Array, lab
 def augment_example(key: jax.Array, canvas: jax.Array, image_size: jax.Array, boxes: jax.Array,
                     labels: jax.Array, *, out_size: int, photometric: bool = True,
                     expand: bool = True, max_expand: float = 4.0, crop: bool = True,
-                    flip: bool = True, mean: Sequence[float] = CAFFE_MEAN
+                    flip: bool = True, mean: Sequence[float] = FILL_RGB
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One example of `augment_batch` (see there): canvas uint8 [C, C, 3], image_size [2] (h, w)
     of the image in it, boxes [M, 4], labels [M] -> (float32 [S, S, 3] rounded to integers in
@@ -297,7 +310,7 @@ def augment_example(key: jax.Array, canvas: jax.Array, image_size: jax.Array, bo
 def augment_batch(keys: jax.Array, images: jax.Array, image_sizes: jax.Array, boxes: jax.Array,
                   labels: jax.Array, *, out_size: int, photometric: bool = True,
                   expand: bool = True, max_expand: float = 4.0, crop: bool = True,
-                  flip: bool = True, mean: Sequence[float] = CAFFE_MEAN,
+                  flip: bool = True, mean: Sequence[float] = FILL_RGB,
                   dtype: jnp.dtype = jnp.uint8) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The SSD training augmentation of a batch (module docstring), vmapped over examples.
 

@@ -292,8 +292,8 @@ def test_watchdog_names_the_lost_process(monkeypatch, case):
 def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves_it(tmp_path):
     """issue 33, item 7: a preemption notice (SIGTERM) reaches one process of two. JAX's
     preemption service tells the other, both stop at the step they agree on and save it together
-    (no periodic checkpoint here: the only one is the step reached), exit 143 and say so; the
-    same commands resume from that step. Before, our own SIGTERM handler replaced JAX's: the
+    (no periodic checkpoint here: the only one is the step reached), exit 143 and say so.
+    Before, our own SIGTERM handler replaced JAX's: the
     signalled process stopped alone and the other lost it mid-collective."""
     opts = {"steps": 500, "config": {**_SMALL, "checkpoint_every_steps": 0,
                                      "log_every_steps": 1}}
@@ -314,6 +314,9 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves_it(tmp
         reached.add(int(line.split(" at step ")[1].split(";")[0]))
     (step,) = reached  # the same step in both
     assert 3 <= step < 500
+    # the only checkpoint is the step reached, complete (orbax renames it when all processes are
+    # done); resuming from a checkpoint the processes wrote together is tested by the lost-process
+    # test (-m long) and, for one process, by tests/test_train.py (a second 2-process start
+    # here cost 2-3 minutes of the suite on 2 busy cores)
     assert sorted(os.listdir(tmp_path / "pre" / "checkpoints")) == [str(step)]
-    _wait(tmp_path, "pre", _launch(tmp_path, "pre", 2, **{**opts, "steps": step + 2}))
-    assert f"resumed from checkpoint step {step}" in (tmp_path / "pre" / "train.log").read_text()
+    assert (tmp_path / "pre" / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()

@@ -71,10 +71,16 @@ def main() -> None:
 
     if args.get("dtype") == "float64":
         jax.config.update("jax_enable_x64", True)
-    import numpy as np
-    from absl import logging
+    import logging
 
-    logging.set_verbosity(logging.INFO)  # as the commands (absl.app): train.log gets INFO lines
+    import numpy as np
+    from absl import logging as absl_logging
+
+    # as the commands (absl.app): INFO lines on stderr (the tests wait for "step N/M") and in
+    # train.log; the library logs through standard loggers, which a program configures
+    absl_logging.use_absl_handler()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.root.setLevel(logging.INFO)
 
     from ssd_jax import distributed, models, train
     from ssd_jax.errors import LostProcessError, TrainingInterrupted

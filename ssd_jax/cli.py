@@ -430,22 +430,7 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
         # own comments on a field it changes come first
         default_path = config_lib.__file__
         others = [os.path.join(configs_dir, n + ".py") for n in config_names(configs_dir)]
-        if spec is None:
-            if (overrides or FLAGS.print_config) and run_config is not None:
-                try:  # the run's own config, overridden field by field
-                    config = run_config()
-                    for field, text in overrides:
-                        apply_override(config, field, text)
-                except USER_ERRORS as e:
-                    if debug:
-                        raise
-                    fail(_message(e), 2)
-                if FLAGS.print_config:
-                    print("# the run's config (run_info.json), after overrides\n" +
-                          format_config(config, config_comments(default_path, *others)))
-                    sys.exit(0)
-                loaded["config"] = config
-                return remaining
+        if spec is None and not ((overrides or FLAGS.print_config) and run_config is not None):
             if overrides:
                 fail(f"--config.{overrides[0][0]} given without --config", 2)
             if FLAGS.print_config:
@@ -453,18 +438,24 @@ def run(main: Callable[..., Any], *, configs_dir: str | None = None,
                 sys.exit(0)
             loaded["config"] = None
             return remaining
-        try:
-            path = resolve_config(spec, configs_dir)
-            config = load_config_file(path)
+        try:  # a config file, or the run's own config (run_config), overridden field by field
+            if spec is None:
+                path, header, config = None, "the run's config (run_info.json), after overrides", \
+                    run_config()
+            else:
+                path = resolve_config(spec, configs_dir)
+                header, config = path, load_config_file(path)
             for field, text in overrides:
                 apply_override(config, field, text)
-        except ConfigError as e:
+        except USER_ERRORS as e:
             if debug:
                 raise
-            fail(str(e), 2)
-        FLAGS.config = path
+            fail(_message(e), 2)
+        if path is not None:
+            FLAGS.config = path
         if FLAGS.print_config:
-            print(f"# {path}\n" + format_config(config, config_comments(path, default_path, *others)))
+            comments = config_comments(*([path] if path else []), default_path, *others)
+            print(f"# {header}\n" + format_config(config, comments))
             sys.exit(0)
         loaded["config"] = config
         return remaining

@@ -138,6 +138,7 @@ class _Run:
                 "float32 rounding, not bit for bit (README: multi-host)", self.start_step,
                 jax.process_count(), jax.device_count(), previous["processes"],
                 previous["devices"])
+        self.train_keys = tuple(train_batch_spec(config, size))  # the fields the step takes
         self.train_iter = data.train_iterator(
             image_size=size, batch_size=self.local_batch, max_boxes=config.max_boxes,
             seed=config.seed, start_step=self.start_step, process_index=jax.process_index(),
@@ -190,8 +191,7 @@ class _Run:
 
     def _step(self, step: int) -> None:
         config, total = self.config, int(self.config.num_train_steps)
-        batch = self.steps.global_batch(next(self.train_iter),
-                                        tuple(train_batch_spec(config, self.size)))
+        batch = self.steps.global_batch(next(self.train_iter), self.train_keys)
         with jax.transfer_guard("disallow"):
             self.state, metrics = self.steps.train(self.state, batch)
         self.done = done = step + 1

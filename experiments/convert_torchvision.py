@@ -8,12 +8,17 @@ r"""Convert torchvision weights to an ssd_jax orbax checkpoint.
         --output=/tmp/vgg16_backbone [--nofc]
     python -m experiments.convert_torchvision --kind=resnet50 --input=resnet50-0676ba61.pth \
         --output=/tmp/resnet50_backbone
+    python -m experiments.convert_torchvision --kind=mobilenet_v3 \
+        --input=mobilenet_v3_large-8738ca79.pth --output=/tmp/mobilenet_v3_backbone
 
 --kind=ssd300: a torchvision ssd300_vgg16 state dict -> the full variables of
   `ssd300_vgg16(num_classes, SSD300_TORCHVISION, image_mean=TORCHVISION_MEAN)`.
 --kind=ssdlite320: a torchvision ssdlite320_mobilenet_v3_large state dict -> the full variables
   (params and BatchNorm statistics) of `ssdlite320_mobilenet_v3(num_classes)`.
-Without --kind, a detector state dict (ssd300 or ssdlite320) is recognized from its keys.
+Without --kind, a detector state dict (ssd300 or ssdlite320) is recognized from its keys. A
+detector's checkpoint carries its model name and class names (ssd_jax_checkpoint.json): COCO's
+91-slot layout for torchvision's COCO weights, --class_names for a detector trained on other
+classes; fine-tuning maps its heads to a dataset's classes by these names (ssd_jax.finetune).
 --kind=vgg16: torchvision ImageNet vgg16 weights -> {"params": {"backbone": ...}} with reduced
   fc6/fc7 (or without them, --nofc, for features-only weights); use as `config.init_checkpoint`,
   merged into freshly initialized variables with `ssd_jax.convert.merge_params`.
@@ -21,6 +26,9 @@ Without --kind, a detector state dict (ssd300 or ssdlite320) is recognized from 
   "batch_stats": {"backbone": ...}} (conv1..layer3, BatchNorm statistics included) of
   `ssd300_resnet50`; use as `config.init_checkpoint` (experiments/configs/ssd300_resnet50_coco.py),
   where both collections are merged into the fresh variables.
+--kind=mobilenet_v3: torchvision ImageNet mobilenet_v3_large weights -> the backbone (params and
+  BatchNorm statistics) of `ssdlite320_mobilenet_v3` with config.model.reduced_tail=False, as
+  torchvision's SSDLite starts from them.
 The input is a .pth/.pt (torch.load with weights_only=True) or a .safetensors file. An existing
 checkpoint at --output is replaced; a folder there that holds something else is refused.
 
@@ -39,7 +47,7 @@ from ssd_jax import cli
 from ssd_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-KINDS = ("ssd300", "ssdlite320", "vgg16", "resnet50")
+KINDS = ("ssd300", "ssdlite320", "vgg16", "resnet50", "mobilenet_v3")
 #: --kind of each torchvision detector (ssd_jax.convert.TORCHVISION_DETECTORS).
 DETECTOR_KINDS = {"ssd300_vgg16": "ssd300", "ssdlite320_mobilenet_v3": "ssdlite320"}
 #: Files of the checkpoint folder that orbax's StandardCheckpointer writes: a folder holding one of
@@ -55,19 +63,27 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "ssdlite320: ssdlite320_mobilenet_v3_large; vgg16: torchvision ImageNet "
                       "vgg16 weights (the backbone only); resnet50: torchvision ImageNet resnet50 "
                       "weights (the backbone of ssd300_resnet50: conv1..layer3 with BatchNorm "
-                      "statistics). Default: the detector recognized from the state dict's keys.",
+                      "statistics); mobilenet_v3: torchvision ImageNet mobilenet_v3_large "
+                      "weights (the backbone of ssdlite320_mobilenet_v3 with reduced_tail=False). "
+                      "Default: the detector recognized from the state dict's keys.",
                       flag_values=fv)
     flags.DEFINE_string("input", None, "The .pth/.pt or .safetensors state dict. Required.",
                         flag_values=fv)
     flags.DEFINE_string("output", None, "The checkpoint folder to write (an existing checkpoint "
                         "there is replaced). Required.", flag_values=fv)
+    flags.DEFINE_list("class_names", None, "A detector's class names in label order, background "
+                      "excluded (comma-separated), saved with the checkpoint. Default: COCO's "
+                      "91-slot layout for a 91-class detector (torchvision's COCO weights).",
+                      flag_values=fv)
     flags.DEFINE_boolean("fc", True, "vgg16: convert fc6/fc7 too (--nofc for weights without a "
                          "valid classifier).", flag_values=fv)
 
 
-def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True) -> str:
+def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True,
+                 class_names: Sequence[str] | None = None) -> str:
     """Convert the state dict at `input_path` (`kind` one of KINDS; None: the detector its keys
-    show) and save it as an orbax checkpoint at `output`; returns the checkpoint's absolute path.
+    show) and save it as an orbax checkpoint at `output`, a detector's with its `class_names`
+    (default: COCO's for 91 classes); returns the checkpoint's absolute path.
     Mistakes (a missing or unreadable input, an input of another kind, an output that is a file)
     raise UserError or FileNotFoundError."""
     import jax
@@ -101,6 +117,8 @@ def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True
             model, variables = convert.from_torchvision_ssdlite(state_dict)
         elif kind == "resnet50":
             variables = convert.resnet50_backbone_from_torchvision(state_dict)
+        elif kind == "mobilenet_v3":
+            variables = convert.mobilenet_v3_backbone_from_torchvision(state_dict)
         else:
             variables = convert.vgg16_backbone_from_torchvision(state_dict, include_fc=fc)
     except convert.StateDictError as e:
@@ -113,6 +131,9 @@ def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True
     elif kind == "ssdlite320":
         print(f"ssdlite320_mobilenet_v3: num_classes={model.num_classes}, priors=SSDLITE320 "
               f"({model.prior_spec.num_priors}), config.model.name=ssdlite320_mobilenet_v3")
+    elif kind == "mobilenet_v3":
+        print("mobilenet_v3_large backbone (ssdlite320_mobilenet_v3, config.model.reduced_tail="
+              "False): stem, 15 blocks, last conv; params and batch_stats")
     elif kind == "resnet50":
         blocks = [b for b in variables["params"]["backbone"] if b != "stem"]
         print(f"resnet50 backbone (ssd300_resnet50): stem + {len(blocks)} bottleneck blocks "
@@ -120,10 +141,37 @@ def convert_file(kind: str | None, input_path: str, output: str, fc: bool = True
     else:
         layers = sorted(variables["params"]["backbone"])
         print(f"vgg16 backbone: {len(layers)} layers ({', '.join(layers)})")
+    names, model_name = None, None
+    if kind in DETECTOR_KINDS.values():
+        names = _class_names(class_names, model.num_classes, input_path)
+        model_name = next(k for k, v in DETECTOR_KINDS.items() if v == kind)
+        if names:
+            print(f"classes: {len(names)} ({', '.join(n for n in names[:5] if n != 'N/A')}, ...)")
+    elif class_names:
+        raise UserError(f"--class_names: --kind={kind} is backbone weights, which have no classes")
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables))
-    convert.save_checkpoint(output, variables)
+    convert.save_checkpoint(output, variables, model=model_name, class_names=names)
     print(f"wrote {n:,} parameters to {output}")
     return output
+
+
+def _class_names(given: Sequence[str] | None, num_classes: int, input_path: str
+                 ) -> tuple[str, ...] | None:
+    """A detector's class names: `given` (checked against its heads), COCO's 91-slot layout for
+    a 91-class detector, else None (unknown: fine-tuning then needs the same class count)."""
+    from ssd_jax.coco import COCO_CATEGORIES_91
+
+    if given:
+        names = tuple(n.strip() for n in given)
+        if len(names) != num_classes - 1:
+            raise UserError(f"--class_names: {len(names)} names, but the detector in "
+                            f"{input_path} has {num_classes - 1} classes (+ background)")
+        return names
+    if num_classes == len(COCO_CATEGORIES_91):
+        return COCO_CATEGORIES_91[1:]
+    print(f"note: the class names of these {num_classes - 1} classes are unknown; give them in "
+          f"label order with --class_names=a,b,... to fine-tune on other classes by name")
+    return None
 
 
 def _check_output(output: str) -> None:
@@ -145,7 +193,7 @@ def _convert_flags(fv: flags.FlagValues) -> str:
     missing = [f"--{name}" for name in ("input", "output") if fv[name].value is None]
     if missing:
         raise UserError(f"{', '.join(missing)} required (--help lists the flags)")
-    return convert_file(fv.kind, fv.input, fv.output, fc=fv.fc)
+    return convert_file(fv.kind, fv.input, fv.output, fc=fv.fc, class_names=fv.class_names)
 
 
 def main(argv: Sequence[str]) -> str:

@@ -43,7 +43,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 RESUMABLE_FIELDS = ("num_train_steps", "log_every_steps", "eval_every_steps", "lost_process_timeout",
                     "checkpoint_every_steps", "keep_checkpoints", "num_eval_images_to_draw",
                     "draw_score_threshold", "eval_batch_size", "metric", "detect",
-                    "init_checkpoint",  # only read when there is no checkpoint yet
+                    "init_checkpoint", "init_class_map",  # read when there is no checkpoint yet
                     "dataset.cache_dir", "dataset.data_dir")  # where data lives, not what it is
 
 
@@ -133,7 +133,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 0.0        # global-norm gradient clipping; 0 = off
     config.dtype = "float32"           # compute dtype: float32 | bfloat16 (params stay float32)
     config.seed = 0                    # init, data order and augmentation: a function of (seed, step)
-    config.init_checkpoint = ""        # orbax checkpoint whose params override the fresh init
+    config.init_checkpoint = ""        # where the weights start: a converted checkpoint
+                                       # (experiments.convert_torchvision) or a finished run's
+                                       # workdir (its latest step); "" = random init. Heads
+                                       # trained on other classes keep the rows of the classes
+                                       # whose names match (ssd_jax.finetune)
+    config.init_class_map = ""         # (init_checkpoint) "old:new,..." checkpoint class -> dataset
+                                       # class, for the names that differ ("" = by name only)
+    config.trainable = "all"           # all | all_but_backbone | heads: the rest is frozen (no
+                                       # update, no weight decay, BatchNorm statistics fixed)
 
     # The loss (ssd_jax.loss.multibox_loss) and matching.
     config.matching_iou = 0.3          # prior <-> ground truth IoU for a positive (the paper: 0.5)
@@ -250,6 +258,30 @@ def validate(config: Any, num_devices: int | None = None, num_processes: int | N
                           "numbers, e.g. --config.lr_boundaries=80000,100000")
     if training and config.init_checkpoint and not os.path.exists(config.init_checkpoint):
         raise ConfigError(f"config.init_checkpoint={config.init_checkpoint!r} does not exist")
+    if config.get("trainable", "all") not in models.TRAINABLE:
+        raise ConfigError(f"config.trainable={config.trainable!r} is unknown; choose one of "
+                          f"{models.TRAINABLE}")
+    if config.get("init_class_map"):
+        class_map(config.init_class_map)
+        if not config.init_checkpoint:
+            raise ConfigError(f"config.init_class_map={config.init_class_map!r} needs "
+                              "config.init_checkpoint (the checkpoint whose classes it renames)")
+
+
+def class_map(text: str) -> dict[str, str]:
+    """config.init_class_map "old:new,old2:new2" -> {"old": "new", ...}; ConfigError naming the
+    entry that is not "old:new"."""
+    pairs = {}
+    for entry in str(text).split(","):
+        if not entry.strip():
+            continue
+        old, sep, new = entry.partition(":")
+        if not sep or not old.strip() or not new.strip() or ":" in new:
+            raise ConfigError(f"config.init_class_map: {entry.strip()!r} is not 'old:new' (a "
+                              f"checkpoint class, a colon, a dataset class; entries separated "
+                              f"by commas)")
+        pairs[old.strip()] = new.strip()
+    return pairs
 
 
 # ----------------------------------------------------------------------------- resuming

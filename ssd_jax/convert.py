@@ -6,7 +6,9 @@
   vgg16_backbone_from_torchvision(sd) torchvision vgg16 state dict -> {"params": {"backbone": ...}}
   resnet50_backbone_from_torchvision(sd)  torchvision resnet50 state dict -> {"params": {"backbone":
                                       ...}, "batch_stats": {"backbone": ...}} (ssd300_resnet50)
-  save_checkpoint / load_checkpoint   orbax, atomic
+  mobilenet_v3_backbone_from_torchvision(sd)  torchvision mobilenet_v3_large -> the backbone
+                                      (params, batch_stats) of ssdlite320_mobilenet_v3(reduced_tail=False)
+  save_checkpoint / load_checkpoint   orbax, atomic (+ a detector's model and class names)
   merge_params(initialized, loaded)   override the leaves present in `loaded` (e.g. a backbone)
 
 State dicts map names to arrays (torch tensors or numpy arrays). torch is imported lazily, only
@@ -18,6 +20,7 @@ then K) is the same as torchvision's [B,A*K,H,W] and the prior order is unchange
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -215,26 +218,16 @@ def from_torchvision_ssdlite(state_dict: StateDict, dtype: Any = jnp.float32
 
     blocks = large_blocks(reduced_tail)
     c4 = max(i for i, b in enumerate(blocks) if b.stride > 1)
-    _fill_conv_bn(sd, "backbone.features.0.0", ("backbone", "stem"), shapes, params, stats)
-    for i, cfg in enumerate(blocks):
-        ours = ("backbone", f"block{i}")
-        parts = (["expand"] if cfg.expanded != cfg.in_ch else []) + ["depthwise"] + \
-            (["se"] if cfg.use_se else []) + ["project"]
+
+    def block_prefixes(i: int, n: int) -> list[str]:
         if i < c4:
-            prefixes = [f"backbone.features.0.{i + 1}.block.{j}" for j in range(len(parts))]
-        elif i == c4:  # split: its expansion ends features.0, the rest starts features.1
-            prefixes = ["backbone.features.0.13"] + [f"backbone.features.1.0.{j}"
-                                                      for j in range(1, len(parts))]
-        else:
-            prefixes = [f"backbone.features.1.{i - c4}.block.{j}" for j in range(len(parts))]
-        for part, prefix in zip(parts, prefixes, strict=True):
-            if part == "se":
-                for fc in ("fc1", "fc2"):
-                    _fill_conv(sd, f"{prefix}.{fc}", ours + ("se", fc), shapes, params)
-            else:
-                _fill_conv_bn(sd, prefix, ours + (part,), shapes, params, stats)
-    _fill_conv_bn(sd, f"backbone.features.1.{len(blocks) - c4}", ("backbone", "last_conv"),
-                  shapes, params, stats)
+            return [f"backbone.features.0.{i + 1}.block.{j}" for j in range(n)]
+        if i == c4:  # split: its expansion ends features.0, the rest starts features.1
+            return ["backbone.features.0.13"] + [f"backbone.features.1.0.{j}" for j in range(1, n)]
+        return [f"backbone.features.1.{i - c4}.block.{j}" for j in range(n)]
+
+    _fill_mobilenet_v3(sd, blocks, "backbone.features.0.0", block_prefixes,
+                       f"backbone.features.1.{len(blocks) - c4}", shapes, params, stats)
     for j in range(4):
         for t, part in enumerate(("project_in", "depthwise", "project_out")):
             _fill_conv_bn(sd, f"backbone.extra.{j}.{t}", ("extras", f"extra{j}_{part}"), shapes,
@@ -247,6 +240,47 @@ def from_torchvision_ssdlite(state_dict: StateDict, dtype: Any = jnp.float32
     variables = {"params": params, "batch_stats": stats}
     _check_complete(variables, shapes)
     return model, variables
+
+
+def _fill_mobilenet_v3(sd: StateDict, blocks: Any, stem: str, block_prefixes: Any, last: str,
+                       shapes: Variables, params: dict[str, Any], stats: dict[str, Any]) -> None:
+    """MobileNetV3-Large's stem, inverted residual blocks (torch prefixes of block i's parts:
+    `block_prefixes(i, number of parts)`) and last conv -> our "backbone" variables."""
+    _fill_conv_bn(sd, stem, ("backbone", "stem"), shapes, params, stats)
+    for i, cfg in enumerate(blocks):
+        ours = ("backbone", f"block{i}")
+        parts = (["expand"] if cfg.expanded != cfg.in_ch else []) + ["depthwise"] + \
+            (["se"] if cfg.use_se else []) + ["project"]
+        for part, prefix in zip(parts, block_prefixes(i, len(parts)), strict=True):
+            if part == "se":
+                for fc in ("fc1", "fc2"):
+                    _fill_conv(sd, f"{prefix}.{fc}", ours + ("se", fc), shapes, params)
+            else:
+                _fill_conv_bn(sd, prefix, ours + (part,), shapes, params, stats)
+    _fill_conv_bn(sd, last, ("backbone", "last_conv"), shapes, params, stats)
+
+
+def mobilenet_v3_backbone_from_torchvision(state_dict: StateDict) -> Variables:
+    """torchvision `mobilenet_v3_large` (ImageNet) state dict -> {"params": {"backbone": ...},
+    "batch_stats": {"backbone": ...}} of `ssdlite320_mobilenet_v3(reduced_tail=False)`: the
+    stem (features.0), the 15 inverted residual blocks (features.1..15: expand, depthwise,
+    squeeze-excitation, project) and the last conv (features.16, 960 channels); the classifier is
+    not used. torchvision's SSDLite builds its backbone from these weights (full width: the
+    reduced tail is for training from scratch). The extras and heads are not in it: merge into
+    fresh variables (config.init_checkpoint). Raises StateDictError naming a missing or
+    mis-shaped key.
+    """
+    from ssd_jax.backbones.mobilenet_v3 import large_blocks
+
+    model = models.ssdlite320_mobilenet_v3(2, reduced_tail=False)
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    blocks = large_blocks(False)
+    _fill_mobilenet_v3(state_dict, blocks, "features.0",
+                       lambda i, n: [f"features.{i + 1}.block.{j}" for j in range(n)],
+                       f"features.{len(blocks) + 1}", shapes, params, stats)
+    return {"params": params, "batch_stats": stats}
 
 
 #: torchvision detectors this module converts: name -> (a key only its state dicts have, converter).
@@ -420,9 +454,17 @@ def _reason(e: BaseException, limit: int = 160) -> str:
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
-def save_checkpoint(path: str, variables: Variables) -> None:
+#: The file next to a checkpoint's arrays (inside its folder) that says what they are:
+#: {"model": config.model.name, "class_names": [...] (background excluded)}.
+CHECKPOINT_INFO = "ssd_jax_checkpoint.json"
+
+
+def save_checkpoint(path: str, variables: Variables, model: str | None = None,
+                    class_names: tuple[str, ...] | None = None) -> None:
     """Save a pytree of arrays with orbax (atomic: written to a temporary folder, then renamed);
-    an existing checkpoint at `path` is replaced."""
+    an existing checkpoint at `path` is replaced. A detector's `model` name and `class_names`
+    (label i -> class_names[i-1]) go to CHECKPOINT_INFO in the folder, so that fine-tuning maps
+    its classification heads to other classes by name (`ssd_jax.finetune`)."""
     from ssd_jax.workdir import keep_root_handlers, orbax_checkpoint
 
     ocp = orbax_checkpoint()
@@ -430,6 +472,22 @@ def save_checkpoint(path: str, variables: Variables) -> None:
     with keep_root_handlers(), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, jax.tree.map(jnp.asarray, variables), force=True)
         ckptr.wait_until_finished()
+    if model is not None or class_names is not None:
+        info = {"model": model, "class_names": None if class_names is None else list(class_names)}
+        tmp = os.path.join(path, CHECKPOINT_INFO + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(tmp, os.path.join(path, CHECKPOINT_INFO))
+
+
+def checkpoint_info(path: str) -> dict[str, Any]:
+    """The CHECKPOINT_INFO of the checkpoint at `path` ({} when it has none: backbone weights,
+    or a checkpoint converted before the file existed)."""
+    file = os.path.join(path, CHECKPOINT_INFO)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)
 
 
 def load_checkpoint(path: str) -> Variables:

@@ -78,6 +78,10 @@ from ssd_jax.priors import (
 Dtype = Any
 RGB = tuple[float, float, float]
 
+#: What trains (SSD.trainable, config.trainable): everything; everything but the pretrained base
+#: network (the "backbone" variables); the classification and box heads only.
+TRAINABLE = ("all", "all_but_backbone", "heads")
+
 __all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "DTYPES", "HALF_RANGE",
            "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "SSD", "TORCHVISION_MEAN", "build_model",
            "check_prior_spec", "compact_ssd", "config_options", "flops_per_image", "from_config",
@@ -132,6 +136,12 @@ class SSD(nn.Module):
       freeze_bn: BatchNorm layers (backbone and head) always normalize with their running
         statistics and never update them, also with train=True (their scale and bias still
         train); for fine-tuning with small per-device batches.
+      trainable: which parts train (one of TRAINABLE): "all"; "all_but_backbone" (the
+        pretrained base network, the "backbone" variables, is frozen); "heads" (only the
+        cls_head_k / box_head_k). In training, the BatchNorm layers of the frozen parts normalize
+        with their running statistics and leave them as they are, and with "heads" no gradient
+        flows into the feature extractor; the optimizer freezes the parameters
+        (`trainable_mask`). Inference is the same for every value.
     """
 
     backbone: nn.Module
@@ -143,6 +153,7 @@ class SSD(nn.Module):
     image_mean: RGB = CAFFE_MEAN
     image_std: RGB = UNIT_STD
     freeze_bn: bool = False
+    trainable: str = "all"
 
     # The backbone shares the SSD's scope, where the name "backbone" is taken by a submodule of the
     # backbone (VGG16's conv1_1..fc7, the compact network), so the backbone module itself is
@@ -158,6 +169,8 @@ class SSD(nn.Module):
         elif self.head.name is None:
             object.__setattr__(self, "head", self.head.clone(name="heads"))
         super().__post_init__()
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable={self.trainable!r}; valid: {', '.join(TRAINABLE)}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, "
                              f"got {self.num_classes}")
@@ -202,7 +215,10 @@ class SSD(nn.Module):
         x = images.astype(jnp.float32) - jnp.asarray(self.image_mean, jnp.float32)
         x = x / jnp.asarray(self.image_std, jnp.float32)  # exact for the unit std
         bn_train = train and not self.freeze_bn
-        sources = self.backbone(x.astype(self.dtype), bn_train)
+        sources = self.backbone(x.astype(self.dtype), bn_train and self.trainable != "heads",
+                                base_train=bn_train and self.trainable == "all")
+        if self.trainable == "heads":  # the frozen feature extractor needs no gradient
+            sources = [jax.lax.stop_gradient(s) for s in sources]
 
         spec = tuple(self.prior_spec.feature_map_sizes)
         if len(sources) != len(spec):
@@ -339,6 +355,20 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
           "float64": jnp.float64}
 
 
+def trainable_mask(params: Any, trainable: str) -> Any:
+    """A tree like `params` (an SSD's params: "backbone", "extras", "conv4_3_norm", "cls_head_k",
+    "box_head_k" at the top) of bools: True where the leaf trains under `trainable` (TRAINABLE)."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable={trainable!r}; valid: {', '.join(TRAINABLE)}")
+
+    def trains(name: str) -> bool:
+        if trainable == "heads":
+            return name.startswith(("cls_head_", "box_head_"))
+        return trainable == "all" or name != "backbone"
+
+    return {name: jax.tree.map(lambda _, t=trains(name): t, sub) for name, sub in params.items()}
+
+
 def config_options(config: Any) -> dict[str, Any]:
     """config.model's fields other than `name`: keyword options of the model's builder."""
     return {k: v for k, v in config.model.items() if k != "name"}
@@ -350,6 +380,8 @@ def from_config(config: Any, num_classes: int, axis_name: str | None = None) -> 
     the data axis inside a shard_mapped train step, None (the default) elsewhere."""
     model = build_model(config.model.name, num_classes, DTYPES[config.dtype],
                         **config_options(config))
+    # runs saved before config.trainable existed trained everything
+    model = model.clone(trainable=config.get("trainable", "all"))
     return model.with_bn_axis_name(axis_name)
 
 

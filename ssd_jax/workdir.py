@@ -243,6 +243,15 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return steps
 
 
+def latest_step(workdir: str) -> int | None:
+    """The step of WORKDIR's latest complete checkpoint, None when it has none (or does not
+    exist); creates nothing."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    with keep_root_handlers(), checkpoint_manager(workdir, create=False) as manager:
+        return manager.latest_step()
+
+
 def last_checkpoint_message(manager: Any) -> str:
     step = manager.latest_step()
     return (f"the last checkpoint is step {step} in {manager.directory}" if step is not None

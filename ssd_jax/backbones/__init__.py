@@ -3,7 +3,11 @@
 A backbone is called as `backbone(x, train)` with normalized float images x [B,H,W,3] (the SSD
 module subtracts the mean and divides by the std first) and returns the source maps, largest
 first: a list of [B,H_k,W_k,C_k]. `train` switches BatchNorm to batch statistics (backbones
-without BatchNorm ignore it). A backbone with BatchNorm has an `axis_name` attribute: the named
+without BatchNorm ignore it). The keyword `base_train` (None: `train`) sets it for the
+pretrained base network alone (the "backbone" variables: VGG16, MobileNetV3, ResNet-50, the
+compact network with its extras) when it differs from the SSD layers added on top: the base's
+BatchNorm keeps its running statistics while the extras' train (fine-tuning with a frozen
+backbone). A backbone with BatchNorm has an `axis_name` attribute: the named
 axis over which train-mode batch statistics are averaged (synchronized BN), None for local.
 
 The SSD module shares its variable scope with its backbone (`nn.share_scope`), so a backbone's

@@ -116,7 +116,10 @@ class CompactSSDBackbone(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> list[jnp.ndarray]:
+    def __call__(self, x: jnp.ndarray, train: bool = False, base_train: bool | None = None
+                 ) -> list[jnp.ndarray]:
+        # the extras are part of the "backbone" variables here: base_train sets the whole network
+        train = train if base_train is None else base_train
         m = self.width_mult
         return CompactNet(
             widths=tuple(max(8, round(w * m)) for w in CompactNet.widths),

@@ -189,8 +189,10 @@ class MobileNetV3SSDLiteBackbone(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> list[jnp.ndarray]:
+    def __call__(self, x: jnp.ndarray, train: bool = False, base_train: bool | None = None
+                 ) -> list[jnp.ndarray]:
         kw = dict(bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum,
                   axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
-        c4, c5 = MobileNetV3Large(self.reduced_tail, name="backbone", **kw)(x, train)
+        c4, c5 = MobileNetV3Large(self.reduced_tail, name="backbone", **kw)(
+            x, train if base_train is None else base_train)
         return [c4, c5, *SSDLiteExtras(name="extras", **kw)(c5, train)]

@@ -138,8 +138,9 @@ class ResNet50SSDBackbone(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> list[jnp.ndarray]:
+    def __call__(self, x: jnp.ndarray, train: bool = False, base_train: bool | None = None
+                 ) -> list[jnp.ndarray]:
         kw = dict(bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum,
                   axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
-        c4 = ResNet50C4(name="backbone", **kw)(x, train)
+        c4 = ResNet50C4(name="backbone", **kw)(x, train if base_train is None else base_train)
         return [c4, *ResNetSSDExtras(name="extras", **kw)(c4, train)]

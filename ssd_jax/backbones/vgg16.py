@@ -168,7 +168,7 @@ class VGG16SSDBackbone(nn.Module):
 
     x [B,S,S,3] normalized -> [L2Norm(conv4_3) [B,S/8,S/8,512], fc7 [B,S/16,S/16,1024], extras...]:
     6 maps for SSD300 (38, 19, 10, 5, 3, 1 at S=300), 7 for SSD512 (64, ..., 1 at S=512).
-    `train` is accepted for the backbone interface and unused (no BatchNorm).
+    `train` and `base_train` are accepted for the backbone interface and unused (no BatchNorm).
     """
 
     highres: bool = False
@@ -176,8 +176,9 @@ class VGG16SSDBackbone(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> list[jnp.ndarray]:
-        del train
+    def __call__(self, x: jnp.ndarray, train: bool = False, base_train: bool | None = None
+                 ) -> list[jnp.ndarray]:
+        del train, base_train
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv4_3, fc7 = VGG16(name="backbone", **kw)(x)
         sources = [L2Norm(param_dtype=self.param_dtype, name="conv4_3_norm")(conv4_3), fc7]

@@ -56,9 +56,13 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, dict[str,
     workdir_lib.check_workdir(workdir, config)
     data = pipeline.InputPipeline(config.dataset)
     info = data.info()  # reads the annotations: DataError here, before any compile
+    init = None  # config.init_checkpoint, read and checked to fit (on shapes) before any write
+    if workdir_lib.latest_step(workdir) is None:
+        init = state_lib.load_init(config, models.from_config(config, info.num_classes),
+                                   info.class_names)
     log = hooks.WorkdirLog(workdir)
     manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
-    run = _Run(config, workdir, data, info, manager)
+    run = _Run(config, workdir, data, info, manager, init)
     if run.is_lead:
         print(f"workdir {workdir}\n  checkpoints: {manager.directory}\n"
               f"  TensorBoard: tensorboard --logdir {workdir}\n  pictures: {run.samples_png}\n"
@@ -92,9 +96,10 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, dict[str,
 class _Run:
     """One call of `train_and_evaluate`: its parts, built in order, and the loop."""
 
-    def __init__(self, config: Any, workdir: str, data: Any, info: Any, manager: Any):
-        self.config, self.workdir, self.data, self.info, self.manager = \
-            config, workdir, data, info, manager
+    def __init__(self, config: Any, workdir: str, data: Any, info: Any, manager: Any,
+                 init: state_lib.Init | None = None):
+        self.config, self.workdir, self.data, self.info, self.manager, self.init = \
+            config, workdir, data, info, manager, init
         self.is_lead = jax.process_index() == 0
         self.n_proc = jax.process_count()
         self.samples_png = os.path.join(workdir, "samples")
@@ -118,8 +123,9 @@ class _Run:
         hint = state_lib.pretrained_backbone_hint(config, resuming=self.manager.latest_step() is not None)
         if hint:
             log.warning(hint)
-        self.state = state_lib.restore_or_init(
-            self.manager, state_lib.create_train_state(config, model, tx), self.steps.replicated)
+        fresh = state_lib.create_train_state(config, model, tx, self.info.class_names, self.init,
+                                             use_init_checkpoint=self.init is not None)
+        self.state = state_lib.restore_or_init(self.manager, fresh, self.steps.replicated)
         step_lib.compile_steps(self.steps, self.state, config, size)
         # XLA's compiles leave ~0.5 GB of freed heap: back to the OS before the data is read (the
         # synthetic images are generated meanwhile into a buffer this process touches only when

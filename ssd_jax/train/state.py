@@ -4,16 +4,18 @@ from the config (optionally from `config.init_checkpoint`), and the resume from 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
+from ssd_jax import config as config_lib
 from ssd_jax import models
 from ssd_jax import workdir as workdir_lib
-from ssd_jax.errors import ConfigError
+from ssd_jax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,9 @@ def _decay_mask(params: Any) -> Any:
 
 
 def create_optimizer(config: Any) -> optax.GradientTransformation:
-    """SGD with momentum and Caffe-style L2 decay (the paper), or AdamW; both decay kernels only."""
+    """SGD with momentum and Caffe-style L2 decay (the paper), or AdamW; both decay kernels only.
+    With config.trainable other than "all", the frozen parameters (`models.trainable_mask`) get
+    a zero update (no step, no weight decay, no optimizer state): optax.multi_transform."""
     schedule = learning_rate_schedule(config)
     if config.optimizer == "sgd":
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
@@ -68,6 +72,13 @@ def create_optimizer(config: Any) -> optax.GradientTransformation:
         tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
     if config.get("grad_clip_norm"):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    trainable = config.get("trainable", "all")  # runs saved before the field trained everything
+    if trainable != "all":
+        def labels(params: Any) -> Any:
+            return jax.tree.map(lambda t: "train" if t else "frozen",
+                                models.trainable_mask(params, trainable))
+
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
 
 
@@ -94,28 +105,69 @@ def init_state(model: models.SSD, tx: optax.GradientTransformation, seed: int = 
                       opt_state=jax.jit(tx.init)(params), rng=jax.random.key_data(state_rng))
 
 
-def create_train_state(config: Any, model: models.SSD,
-                       tx: optax.GradientTransformation) -> TrainState:
+class Init(NamedTuple):
+    """What `config.init_checkpoint` gives a fresh run: the weights and how their classes map."""
+
+    pretrained: Any  # finetune.Pretrained
+    plan: Any  # finetune.Plan
+
+
+def load_init(config: Any, model: models.SSD, class_names: Sequence[str] | None = None
+              ) -> Init | None:
+    """`config.init_checkpoint` read and checked to fit `model` for the dataset's `class_names`
+    (background excluded; None: the checkpoint's own classes), on shapes only: nothing compiles
+    and nothing is written, so the trainer calls it before it touches the workdir. None when
+    config.init_checkpoint is empty. ConfigError (one line) for a path that is not a checkpoint
+    or a run with one, a config.init_class_map name in neither class list, or a checkpoint of
+    another architecture (naming the first layer that does not fit)."""
+    from ssd_jax import finetune
+
+    path = config.init_checkpoint
+    if not path:
+        return None
+    try:
+        pretrained = finetune.load_pretrained(path)
+    except UserError as e:
+        raise ConfigError(f"config.{e}") from None
+    try:
+        how = finetune.plan(pretrained, class_names,
+                            config_lib.class_map(config.get("init_class_map", "")))
+        fresh = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
+        jax.eval_shape(lambda v: finetune.fit_variables(v, pretrained, how), fresh)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        kind = f"a {pretrained.model} " if pretrained.model else ""
+        raise ConfigError(f"config.init_checkpoint={path}: {kind}checkpoint that does not fit "
+                          f"config.model.name={config.model.name}: {finetune._first_line(e)}"
+                          ) from None
+    return Init(pretrained, how)
+
+
+def create_train_state(config: Any, model: models.SSD, tx: optax.GradientTransformation,
+                       class_names: Sequence[str] | None = None,
+                       init: Init | None = None, use_init_checkpoint: bool = True
+                       ) -> TrainState:
     """`init_state` from `config.seed` (params float64 with config.dtype=float64), optionally
-    starting from `config.init_checkpoint` (e.g. the converted VGG16 backbone: leaves present
-    there override)."""
+    starting from `config.init_checkpoint`: a converted backbone (its leaves override), a
+    converted detector or a finished run (everything taken; classification heads trained on
+    other classes keep the channels of the dataset's `class_names` found there, by name or by
+    config.init_class_map; `ssd_jax.finetune`). `init`: `load_init`'s result, when the caller
+    checked it already; use_init_checkpoint=False ignores config.init_checkpoint (a run about
+    to resume from its own checkpoint)."""
+    from ssd_jax import finetune
+
     state = init_state(model, tx, config.seed)
     params, batch_stats = state.params, state.batch_stats
-    if config.init_checkpoint:
-        from ssd_jax import convert
-
-        try:
-            loaded = convert.load_checkpoint(config.init_checkpoint)
-            loaded_params = loaded.get("params", loaded)
-            params = convert.merge_params(params, loaded_params)
-            if "batch_stats" in loaded and batch_stats:
-                batch_stats = convert.merge_params(batch_stats, loaded["batch_stats"])
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ConfigError(f"config.init_checkpoint={config.init_checkpoint}: not an ssd_jax "
-                              f"checkpoint that fits config.model ({first}); convert torchvision "
-                              "weights with `python -m experiments.convert_torchvision`") from None
-        log.info("initialized from %s", config.init_checkpoint)
+    if use_init_checkpoint and init is None:
+        init = load_init(config, model, class_names)
+    if init is not None:
+        fitted = finetune.fit_variables({"params": params, "batch_stats": batch_stats},
+                                        init.pretrained, init.plan)
+        params, batch_stats = fitted["params"], fitted["batch_stats"]
+        log.info("initialized from %s", init.pretrained.source)
+        for line in finetune.report_lines(init.plan):
+            log.info("  %s", line)
     if config.get("dtype") == "float64":
         params, batch_stats = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
                                            (params, batch_stats))

@@ -366,7 +366,8 @@ def trainable_mask(params: Any, trainable: str) -> Any:
             return name.startswith(("cls_head_", "box_head_"))
         return trainable == "all" or name != "backbone"
 
-    return {name: jax.tree.map(lambda _, t=trains(name): t, sub) for name, sub in params.items()}
+    return {name: jax.tree.map(functools.partial(lambda t, _: t, trains(name)), sub)
+            for name, sub in params.items()}
 
 
 def config_options(config: Any) -> dict[str, Any]:

@@ -266,17 +266,22 @@ def fit_variables(fresh: Mapping[str, Any], pretrained: Pretrained, how: Plan) -
     checkpoint of another architecture). Traceable: `jax.eval_shape` checks the fit on shapes."""
     from ssd_jax.convert import merge_params
 
-    loaded = dict(pretrained.variables)
-    if how.mapping is not None:
-        loaded["params"] = remap_class_heads(fresh["params"], loaded["params"], how.mapping,
-                                             how.num_source)
     out = dict(fresh)
-    for collection, tree in loaded.items():
+    for collection, tree in pretrained.variables.items():
         if collection == "batch_stats" and not fresh.get("batch_stats"):
             continue  # BatchNorm statistics of a model that has no BatchNorm (freeze_bn models do)
         if collection not in fresh:
             raise ValueError(f"checkpoint collection {collection!r} does not exist in the model")
-        out[collection] = merge_params(fresh[collection], tree, f"/{collection}")
+        heads = {k: v for k, v in tree.items() if k.startswith("cls_head_")}
+        rest = {k: v for k, v in tree.items() if k not in heads}
+        # the network first: a checkpoint of another architecture is named by its first layer
+        out[collection] = merge_params(fresh[collection], rest, f"/{collection}")
+        if collection == "params" and how.mapping is not None:
+            try:
+                heads = remap_class_heads(fresh["params"], heads, how.mapping, how.num_source)
+            except ValueError as e:
+                raise ValueError(f"/params{e}" if str(e).startswith("/") else str(e)) from None
+        out[collection] = merge_params(out[collection], heads, f"/{collection}")
     return out
 
 

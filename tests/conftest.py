@@ -107,3 +107,37 @@ def mock_tfds(monkeypatch, num_examples: int):
     monkeypatch.setattr(gen, "_generate_random_obj", random_obj)
     with tfds.testing.mock_data(num_examples=num_examples):
         yield
+
+
+#: a 3-class dataset named with COCO names, and their indices in torchvision's 91-slot layout
+FINETUNE_CLASSES = ("person", "car", "dog")
+FINETUNE_COCO_INDICES = (0, 1, 3, 18)  # background, person, car, dog
+
+
+def finetuned_from_torchvision(tv_model, tmp_path, model_fields: dict, images: np.ndarray):
+    """issue 35, item 4: `tv_model`'s state dict saved as a .pth, converted by
+    `experiments.convert_torchvision` (which writes COCO's class names), loaded by the trainer's
+    `create_train_state` as config.init_checkpoint of a model for FINETUNE_CLASSES; returns that
+    model's (class logits, box outputs) on `images` (uint8 NHWC) at step 0."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import torch
+
+    from experiments import convert_torchvision
+    from ssd_jax import config as config_lib
+    from ssd_jax import models, train
+
+    pth = tmp_path / "detector.pth"
+    torch.save(tv_model.state_dict(), pth)
+    ckpt = convert_torchvision.main([f"--input={pth}", f"--output={tmp_path / 'converted'}"])
+    config = config_lib.get_config()
+    config.model = ml_collections.ConfigDict(model_fields)
+    config.init_checkpoint = ckpt
+    model = models.from_config(config, len(FINETUNE_CLASSES) + 1)
+    state = train.create_train_state(config, model, train.create_optimizer(config),
+                                     FINETUNE_CLASSES)
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return jax.jit(model.apply)(variables, jnp.asarray(images))

@@ -11,6 +11,7 @@ import pytest
 from ssd_jax import box_ops, convert, models
 from ssd_jax.backbones import vgg16
 from ssd_jax.priors import SSD300_TORCHVISION, generate_priors
+from tests.conftest import FINETUNE_CLASSES, FINETUNE_COCO_INDICES, finetuned_from_torchvision
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -26,6 +27,24 @@ def tv_ssd():
     torch.manual_seed(0)
     model = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None)
     return model.eval()
+
+
+def test_finetuned_to_three_coco_classes_equals_torchvision_at_step_0(tv_ssd, tmp_path):
+    """A converted COCO ssd300_vgg16 as config.init_checkpoint of a person/car/dog model: its
+    logits of background and those classes are torchvision's at their COCO indices, its boxes
+    torchvision's (issue 35, item 4)."""
+    images = np.random.default_rng(3).integers(0, 256, (1, 300, 300, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        head = tv_ssd.head(list(tv_ssd.backbone(
+            torch.stack([tv_ssd.transform.normalize(im) for im in x])).values()))
+    cls, box = finetuned_from_torchvision(
+        tv_ssd, tmp_path, {"name": "ssd300_vgg16", "prior_spec": "ssd300_torchvision",
+                           "image_mean": models.TORCHVISION_MEAN}, images)
+    assert cls.shape == (1, 8732, len(FINETUNE_CLASSES) + 1)
+    ref = head["cls_logits"].numpy()[..., list(FINETUNE_COCO_INDICES)]
+    assert _rel_err(cls, ref) <= 1e-4
+    assert _rel_err(box, head["bbox_regression"].numpy()) <= 1e-4
 
 
 @pytest.fixture(scope="module")

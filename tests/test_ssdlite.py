@@ -12,6 +12,7 @@ from PIL import Image
 
 from ssd_jax import box_ops, convert, inference, models
 from ssd_jax.priors import SSDLITE320, generate_priors
+from tests.conftest import FINETUNE_CLASSES, FINETUNE_COCO_INDICES, finetuned_from_torchvision
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -92,6 +93,72 @@ def test_head_outputs_match_torchvision(tv_lite, converted):
     anchors = tv_lite.anchor_generator(image_list, features)[0].numpy() / 320.0
     ours = np.asarray(box_ops.centers_to_corners(generate_priors(SSDLITE320)))
     np.testing.assert_allclose(ours, anchors, rtol=0, atol=1e-6)
+
+
+def test_finetuned_to_three_coco_classes_equals_torchvision_at_step_0(tv_lite, tmp_path):
+    """A converted COCO ssdlite320 as config.init_checkpoint of a person/car/dog model: its
+    logits of background and those classes are torchvision's at their COCO indices, its boxes
+    torchvision's (issue 35, item 4)."""
+    x = smooth_images(np.random.default_rng(2), 1)
+    images = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():
+        head = tv_lite.head(list(tv_lite.backbone(
+            torch.stack([tv_lite.transform.normalize(im) for im in x])).values()))
+    cls, box = finetuned_from_torchvision(
+        tv_lite, tmp_path, {"name": "ssdlite320_mobilenet_v3", "reduced_tail": True}, images)
+    assert cls.shape == (1, 3234, len(FINETUNE_CLASSES) + 1)
+    ref = head["cls_logits"].numpy()[..., list(FINETUNE_COCO_INDICES)]
+    assert _rel_err(cls, ref) <= 1e-4
+    assert _rel_err(box, head["bbox_regression"].numpy()) <= 1e-4
+
+
+def test_imagenet_mobilenet_v3_backbone_gives_torchvisions_features(tmp_path):
+    """`convert_torchvision --kind=mobilenet_v3`: torchvision's mobilenet_v3_large (seeded, with
+    random BatchNorm statistics and affine parameters), converted and used as
+    config.init_checkpoint of ssdlite320_mobilenet_v3 with reduced_tail=False, gives
+    torchvision's C4 expansion (SSDLite's first source map, 672 channels) and last conv (960)."""
+    import ml_collections
+
+    from experiments import convert_torchvision
+    from ssd_jax import config as config_lib
+    from ssd_jax import train
+    from ssd_jax.backbones.mobilenet_v3 import MobileNetV3Large
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_large(weights=None)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    tv.eval()
+    torch.save(tv.state_dict(), tmp_path / "mbv3.pth")
+    ckpt = convert_torchvision.main(["--kind=mobilenet_v3", f"--input={tmp_path / 'mbv3.pth'}",
+                                     f"--output={tmp_path / 'backbone'}"])
+    config = config_lib.get_config()
+    config.model = ml_collections.ConfigDict({"name": "ssdlite320_mobilenet_v3",
+                                              "reduced_tail": False})
+    config.init_checkpoint = ckpt
+    model = models.from_config(config, 4)
+    state = train.create_train_state(config, model, train.create_optimizer(config), ("a", "b", "c"))
+
+    x = (smooth_images(np.random.default_rng(4), 1) - 0.5) / 0.5  # the model's [-1, 1] input
+    with torch.no_grad():
+        h = x
+        for block in tv.features[:13]:
+            h = block(h)
+        ref = [tv.features[13].block[0](h), tv.features(x)]
+    ours = jax.jit(lambda v, x: MobileNetV3Large(reduced_tail=False).apply(v, x, False))(
+        {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]},
+        jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
+    for got, want in zip(ours, ref, strict=True):
+        want = want.permute(0, 2, 3, 1).numpy()
+        assert got.shape == want.shape
+        assert _rel_err(got, want) <= 1e-4
 
 
 def test_detections_end_to_end_match_torchvision(tv_lite, tmp_path):

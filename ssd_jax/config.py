@@ -261,6 +261,10 @@ def validate(config: Any, num_devices: int | None = None, num_processes: int | N
     if config.get("trainable", "all") not in models.TRAINABLE:
         raise ConfigError(f"config.trainable={config.trainable!r} is unknown; choose one of "
                           f"{models.TRAINABLE}")
+    if training and config.get("trainable", "all") != "all" and not config.init_checkpoint:
+        raise ConfigError(f"config.trainable={config.trainable!r} freezes part of a randomly "
+                          "initialized model: give config.init_checkpoint (the weights to "
+                          "start from), or config.trainable=all")
     if config.get("init_class_map"):
         class_map(config.init_class_map)
         if not config.init_checkpoint:

@@ -112,6 +112,28 @@ def test_finetuned_to_three_coco_classes_equals_torchvision_at_step_0(tv_lite, t
     assert _rel_err(box, head["bbox_regression"].numpy()) <= 1e-4
 
 
+def test_the_finetune_config_takes_a_converted_coco_ssdlite(converted, tmp_path):
+    """experiments/configs/finetune_ssdlite320.py with torchvision's COCO layout converted (COCO's
+    class names saved with it) fits a dataset of person, dog and forklift: checked on shapes, as
+    the trainer does before it writes anything, with the classes mapped, new and dropped."""
+    from experiments.configs import finetune_ssdlite320
+    from ssd_jax import config as config_lib
+    from ssd_jax import train
+    from ssd_jax.coco import COCO_CATEGORIES_91
+
+    model, variables = converted
+    convert.save_checkpoint(str(tmp_path / "ckpt"), variables, model="ssdlite320_mobilenet_v3",
+                            class_names=COCO_CATEGORIES_91[1:])
+    config = finetune_ssdlite320.get_config()
+    config.init_checkpoint = str(tmp_path / "ckpt")
+    config.init_class_map = "cell phone:phone"
+    config_lib.validate(config, check_data=False, num_devices=1, num_processes=1)
+    target = ("Person", "dog", "forklift", "phone")
+    init = train.state.load_init(config, models.from_config(config, len(target) + 1), target)
+    assert init.plan.mapping == [0, 1, 18, None, 77]
+    assert init.plan.report["new"] == ["forklift"] and len(init.plan.report["dropped"]) == 77
+
+
 def test_imagenet_mobilenet_v3_backbone_gives_torchvisions_features(tmp_path):
     """`convert_torchvision --kind=mobilenet_v3`: torchvision's mobilenet_v3_large (seeded, with
     random BatchNorm statistics and affine parameters), converted and used as

@@ -59,3 +59,9 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str = "", signal_name: str = "SIGINT"):
         super().__init__(message)
         self.signal_name = signal_name
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of `e`'s message (its type's name when empty), at most `limit` characters:
+    the part of a library error that goes into a one-line message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

@@ -30,7 +30,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax.errors import UserError
+from ssd_jax.errors import UserError, first_line
 
 #: the name of torchvision's unused COCO category slots: never mapped, never "dropped"
 UNUSED_SLOT = "N/A"
@@ -182,7 +182,7 @@ def load_pretrained(path: str) -> Pretrained:
     try:
         loaded = convert.load_checkpoint(path)
     except (ValueError, KeyError, TypeError, OSError) as e:
-        raise error(f"cannot read the checkpoint ({_first_line(e)})") from None
+        raise error(f"cannot read the checkpoint ({first_line(e)})") from None
     variables = {"params": loaded.get("params", loaded)}
     if loaded.get("batch_stats"):
         variables["batch_stats"] = loaded["batch_stats"]
@@ -194,10 +194,6 @@ def load_pretrained(path: str) -> Pretrained:
         names = COCO_CATEGORIES_91[1:]
     return Pretrained(variables, None if names is None else tuple(names), info.get("model"),
                       f"checkpoint {os.path.abspath(path)}")
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _num_classes(variables: Mapping[str, Any]) -> int | None:

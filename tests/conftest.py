@@ -109,6 +109,24 @@ def mock_tfds(monkeypatch, num_examples: int):
         yield
 
 
+def randomize_batchnorm(model, seed: int):
+    """`model` (torch) in eval mode with every BatchNorm2d's running statistics and affine
+    parameters random (at init BN is the identity, which would hide a swapped mean/var or
+    scale/bias in a conversion)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+    return model.eval()
+
+
 #: a 3-class dataset named with COCO names, and their indices in torchvision's 91-slot layout
 FINETUNE_CLASSES = ("person", "car", "dog")
 FINETUNE_COCO_INDICES = (0, 1, 3, 18)  # background, person, car, dog

@@ -11,6 +11,7 @@ import pytest
 
 from ssd_jax import convert, models
 from ssd_jax.backbones import ResNet50SSDBackbone
+from tests.conftest import randomize_batchnorm
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -27,17 +28,7 @@ def tv_resnet():
     statistics and affine parameters (so BN is not the identity and a swapped mean/var or
     scale/bias would show)."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
-    return model.eval()
+    return randomize_batchnorm(torchvision.models.resnet50(weights=None), seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,12 @@ from PIL import Image
 
 from ssd_jax import box_ops, convert, inference, models
 from ssd_jax.priors import SSDLITE320, generate_priors
-from tests.conftest import FINETUNE_CLASSES, FINETUNE_COCO_INDICES, finetuned_from_torchvision
+from tests.conftest import (
+    FINETUNE_CLASSES,
+    FINETUNE_COCO_INDICES,
+    finetuned_from_torchvision,
+    randomize_batchnorm,
+)
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -147,17 +152,7 @@ def test_imagenet_mobilenet_v3_backbone_gives_torchvisions_features(tmp_path):
     from ssd_jax.backbones.mobilenet_v3 import MobileNetV3Large
 
     torch.manual_seed(0)
-    tv = torchvision.models.mobilenet_v3_large(weights=None)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    tv.eval()
+    tv = randomize_batchnorm(torchvision.models.mobilenet_v3_large(weights=None), seed=1)
     torch.save(tv.state_dict(), tmp_path / "mbv3.pth")
     ckpt = convert_torchvision.main(["--kind=mobilenet_v3", f"--input={tmp_path / 'mbv3.pth'}",
                                      f"--output={tmp_path / 'backbone'}"])

@@ -15,7 +15,7 @@ from flax import struct
 from ssd_jax import config as config_lib
 from ssd_jax import models
 from ssd_jax import workdir as workdir_lib
-from ssd_jax.errors import ConfigError, UserError
+from ssd_jax.errors import ConfigError, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +132,18 @@ def load_init(config: Any, model: models.SSD, class_names: Sequence[str] | None 
     try:
         how = finetune.plan(pretrained, class_names,
                             config_lib.class_map(config.get("init_class_map", "")))
-        fresh = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
-        jax.eval_shape(lambda v: finetune.fit_variables(v, pretrained, how), fresh)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
+        name = "init_class_map" if config.get("init_class_map") else "init_checkpoint"
+        raise ConfigError(f"config.{name}={config.get(name)}: {first_line(e)}") from None
+    try:
+        fresh = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0)))
+        jax.eval_shape(lambda v: finetune.fit_variables(v, pretrained, how), fresh)
+    except ValueError as e:
         kind = f"a {pretrained.model} " if pretrained.model else ""
         raise ConfigError(f"config.init_checkpoint={path}: {kind}checkpoint that does not fit "
-                          f"config.model.name={config.model.name}: {finetune._first_line(e)}"
+                          f"config.model.name={config.model.name}: {first_line(e)}"
                           ) from None
     return Init(pretrained, how)
 

@@ -83,10 +83,10 @@ RGB = tuple[float, float, float]
 TRAINABLE = ("all", "all_but_backbone", "heads")
 
 __all__ = ["CAFFE_MEAN", "COMPACT6_PRIORS", "COMPACT_PRIORS", "DTYPES", "HALF_RANGE",
-           "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "SSD", "TORCHVISION_MEAN", "build_model",
-           "check_prior_spec", "compact_ssd", "config_options", "flops_per_image", "from_config",
-           "init_variables", "source_map_sizes", "ssd300_resnet50", "ssd300_vgg16", "ssd512_vgg16",
-           "ssdlite320_mobilenet_v3"]
+           "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "SSD", "TORCHVISION_MEAN", "TRAINABLE",
+           "build_model", "check_prior_spec", "compact_ssd", "config_options", "flops_per_image",
+           "from_config", "init_variables", "source_map_sizes", "ssd300_resnet50", "ssd300_vgg16",
+           "ssd512_vgg16", "ssdlite320_mobilenet_v3", "trainable_mask"]
 
 
 @functools.lru_cache(maxsize=64)

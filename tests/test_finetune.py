@@ -163,9 +163,23 @@ def test_a_frozen_base_keeps_its_batchnorm_statistics_while_the_extras_train():
     """SSDLite with trainable=all_but_backbone: the MobileNetV3 base's BatchNorm normalizes with
     its running statistics (its output equals inference mode's) and leaves them, the extras'
     and heads' BatchNorm update theirs."""
-    model = models.ssdlite320_mobilenet_v3(3).clone(trainable="all_but_backbone")
-    variables = models.init_variables(model, jax.random.key(0))
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 320, 320, 3)), jnp.uint8)
+    import dataclasses
+
+    from ssd_jax.priors import SSDLITE320
+
+    full = models.ssdlite320_mobilenet_v3(3)
+    # at 96 px (maps 6, 3, 2, 1, 1, 1): the same layers, a fraction of 320 px's compile time
+    spec = dataclasses.replace(SSDLITE320, image_size=96,
+                               feature_map_sizes=models.source_map_sizes(full.backbone, 96))
+    model = full.clone(prior_spec=spec, trainable="all_but_backbone")
+    # random values of the variables' shapes (compiling the initializers took 9 s): BatchNorm
+    # variances positive
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if path[-1].key == "var"
+                                    else rng.normal(0, 0.1, s.shape), s.dtype),
+        jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0))))
+    images = jnp.asarray(rng.integers(0, 256, (2, 96, 96, 3)), jnp.uint8)
     _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
         variables, images)
     old, new = variables["batch_stats"], updates["batch_stats"]

@@ -105,12 +105,14 @@ _CLASS_CHANNEL_LEAVES = {("kernel",), ("bias",), ("pointwise", "kernel"), ("poin
 
 
 def remap_class_heads(fresh: Mapping[str, Any], loaded: Mapping[str, Any],
-                      mapping: Sequence[int | None], num_source: int) -> dict[str, Any]:
+                      mapping: Sequence[int | None], num_source: int, prefix: str = ""
+                      ) -> dict[str, Any]:
     """`loaded` (a source detector's params, other classes) fitted to the model of `fresh` (the
     target's freshly initialized params): every ``cls_head_k`` subtree's output-channel leaves
     are `remap_channels`-ed into the fresh ones, its other leaves (SSDLite's depthwise conv)
     taken as they are; everything outside the classification heads is taken from `loaded`
-    unchanged. ValueError names the first head that does not fit."""
+    unchanged. ValueError names the first head that does not fit (its path after `prefix`,
+    e.g. "/params")."""
     out = dict(loaded)
     for name, sub in loaded.items():
         if not name.startswith("cls_head_"):
@@ -119,20 +121,20 @@ def remap_class_heads(fresh: Mapping[str, Any], loaded: Mapping[str, Any],
             raise ValueError(f"checkpoint head {name} does not exist in the model (its heads: "
                              f"{sorted(k for k in fresh if k.startswith('cls_head_'))})")
 
-        out[name] = _remap_head(fresh[name], sub, (name,), mapping, num_source)
+        out[name] = _remap_head(fresh[name], sub, (name,), mapping, num_source, prefix)
     return out
 
 
 def _remap_head(fresh: Any, loaded: Any, path: tuple[str, ...], mapping: Sequence[int | None],
-                num_source: int) -> Any:
+                num_source: int, prefix: str) -> Any:
     if isinstance(loaded, Mapping):
-        return {k: _remap_head(fresh[k], v, path + (k,), mapping, num_source)
+        return {k: _remap_head(fresh[k], v, path + (k,), mapping, num_source, prefix)
                 for k, v in loaded.items()}
     if path[1:] in _CLASS_CHANNEL_LEAVES:
         try:
             return remap_channels(fresh, loaded, mapping, num_source)
         except ValueError as e:
-            raise ValueError(f"/{'/'.join(path)}: {e}") from None
+            raise ValueError(f"{prefix}/{'/'.join(path)}: {e}") from None
     return loaded
 
 
@@ -273,10 +275,8 @@ def fit_variables(fresh: Mapping[str, Any], pretrained: Pretrained, how: Plan) -
         # the network first: a checkpoint of another architecture is named by its first layer
         out[collection] = merge_params(fresh[collection], rest, f"/{collection}")
         if collection == "params" and how.mapping is not None:
-            try:
-                heads = remap_class_heads(fresh["params"], heads, how.mapping, how.num_source)
-            except ValueError as e:
-                raise ValueError(f"/params{e}" if str(e).startswith("/") else str(e)) from None
+            heads = remap_class_heads(fresh["params"], heads, how.mapping, how.num_source,
+                                      prefix="/params")
         out[collection] = merge_params(out[collection], heads, f"/{collection}")
     return out
 

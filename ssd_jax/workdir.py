@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from ssd_jax.errors import UserError, WorkdirMismatchError
+from ssd_jax.errors import UserError, WorkdirMismatchError, first_line
 
 RUN_INFO = "run_info.json"
 CHECKPOINTS = "checkpoints"
@@ -208,7 +208,7 @@ def restore_into(manager: Any, step: int, target: Any, sharding: Any | None = No
         with keep_root_handlers():
             return manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except (ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise WorkdirMismatchError(
             f"the checkpoint of step {step} in {manager.directory} does not fit the model and "
             f"optimizer of this config ({first}). Use a new workdir, or the config the run "

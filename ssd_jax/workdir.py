@@ -235,8 +235,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise UserError(f"workdir={workdir} has no checkpoints/ yet (the run has not saved one)",
                         parameter="workdir")
-    with keep_root_handlers(), checkpoint_manager(workdir, create=False) as manager:
-        steps = sorted(manager.all_steps())
+    steps = _complete_steps(workdir)
     if not steps:
         raise UserError(f"workdir={workdir} has no checkpoint yet (the run has not saved one)",
                         parameter="workdir")
@@ -246,10 +245,18 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def latest_step(workdir: str) -> int | None:
     """The step of WORKDIR's latest complete checkpoint, None when it has none (or does not
     exist); creates nothing."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        return None
-    with keep_root_handlers(), checkpoint_manager(workdir, create=False) as manager:
-        return manager.latest_step()
+    steps = _complete_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def _complete_steps(workdir: str) -> list[int]:
+    """The complete (renamed into place) checkpoints' steps, oldest first, read from the folder
+    names alone: no CheckpointManager, whose constructor is a barrier of all processes. The
+    processes of one run ask this at different moments (one may already have created
+    checkpoints/): a manager built only where the folder existed joined a barrier the others
+    never reached (a multi-process start failed with 'sync_global_devices name mismatch')."""
+    ocp = orbax_checkpoint()
+    return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def last_checkpoint_message(manager: Any) -> str:

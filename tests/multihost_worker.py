@@ -7,7 +7,8 @@ Trains `tests.test_train.tiny_config()` (optionally changed by "config": {"field
 `train.train_and_evaluate` and saves its final params, batch_stats and optimizer state (this
 process's copy of each replicated leaf) and the final evaluation's mAP to "out". "devices" local
 CPU devices per process (XLA's host platform device count); "dtype" float64 turns on 64-bit JAX
-first. The multi-process options are those of `experiments.train` (`distributed.maybe_initialize`).
+first; "late_process" enters training "late_seconds" after the others. The multi-process options
+are those of `experiments.train` (`distributed.maybe_initialize`).
 """
 
 import json
@@ -92,6 +93,11 @@ def main() -> None:
     if "die_at_step" in args and int(args.get("die_process", 0)) == int(args.get("process_id", 0)):
         # SIGKILL process "die_process" as it is about to run that step
         _die_at_step(train.step, int(args["die_at_step"]))
+    if int(args.get("late_process", -1)) == int(args.get("process_id", 0)):
+        # this process enters train_and_evaluate late: the others have created checkpoints/
+        import time
+
+        time.sleep(float(args["late_seconds"]))
     try:
         state, metrics = train.train_and_evaluate(config, args["workdir"])
     except LostProcessError as e:  # as the train command does (ssd_jax.cli.run)

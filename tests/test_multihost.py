@@ -295,8 +295,10 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves_it(tmp
     (no periodic checkpoint here: the only one is the step reached), exit 143 and say so.
     Before, our own SIGTERM handler replaced JAX's: the
     signalled process stopped alone and the other lost it mid-collective."""
+    # process 1 starts training 3 s late: process 0 has created checkpoints/ by then (the resume
+    # check of a process that saw it joined a barrier the other never reached: a CI failure)
     opts = {"steps": 500, "config": {**_SMALL, "checkpoint_every_steps": 0,
-                                     "log_every_steps": 1}}
+                                     "log_every_steps": 1}, "late_process": 1, "late_seconds": 3}
     procs = _launch(tmp_path, "pre", 2, **opts)
     log0 = tmp_path / "pre.0.log"
     deadline = time.monotonic() + 300

@@ -352,6 +352,29 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_checkpoint_steps_read_the_folder_and_build_no_manager(tmp_path, monkeypatch):
+    """The steps a workdir holds, as orbax's manager lists them (an unfinished save's temporary
+    folder is not one), read without constructing a CheckpointManager: its constructor is a
+    barrier of all processes, and the processes of one run ask at different moments."""
+    import orbax.checkpoint as ocp
+
+    from ssd_jax import workdir as workdir_lib
+
+    with workdir_lib.checkpoint_manager(str(tmp_path)) as manager:
+        for step in (1, 5):
+            workdir_lib.save(manager, step, {"w": np.arange(3.0)})
+        listed = sorted(manager.all_steps())
+    (tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234").mkdir()  # a save cut short
+
+    def no_manager(*args, **kwargs):
+        raise AssertionError("a CheckpointManager was built")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "__init__", no_manager)
+    assert workdir_lib.checkpoint_steps(str(tmp_path)) == listed == [1, 5]
+    assert workdir_lib.latest_step(str(tmp_path)) == 5
+    assert workdir_lib.latest_step(str(tmp_path / "none")) is None
+
+
 def test_sigint_and_sigterm_stop_at_the_next_step_boundary():
     """The handler the train loop installs: either signal sets a flag that the loop's check turns
     into a stop at a step boundary (where the state is saved); a second one interrupts at once;

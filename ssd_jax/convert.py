@@ -491,12 +491,17 @@ def checkpoint_info(path: str) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str) -> Variables:
-    """The pytree saved by `save_checkpoint` at `path` (nested dicts of arrays)."""
-    from ssd_jax.workdir import keep_root_handlers, orbax_checkpoint
+    """The pytree saved by `save_checkpoint` at `path` (nested dicts of numpy arrays), read by
+    any process of any run: placed on this host (`workdir.abstract_on_this_host`), then fetched
+    (the saved single-device sharding is a topology mismatch in a multi-process run, and a
+    committed device array cannot be placed over its global mesh)."""
+    from ssd_jax.workdir import abstract_on_this_host, keep_root_handlers, orbax_checkpoint
 
     ocp = orbax_checkpoint()
+    path = os.path.abspath(path)
     with keep_root_handlers(), ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(path))
+        restored = ckptr.restore(path, abstract_on_this_host(ckptr.metadata(path)))
+    return jax.device_get(restored)
 
 
 def merge_params(initialized: Variables, loaded: Variables, _path: str = "") -> Variables:

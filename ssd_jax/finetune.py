@@ -27,6 +27,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -176,8 +177,10 @@ def load_pretrained(path: str) -> Pretrained:
         except UserError as e:  # no checkpoint yet; a checkpoint that does not fit its model
             raise error(f"a run workdir, but {str(e).split(': ', 1)[-1]}; give a run that has "
                         "saved a checkpoint (or a converted checkpoint)") from None
-        return Pretrained(run.variables, tuple(run.class_names), run.config.model.name,
-                          f"run {run.workdir}, step {run.step}")
+        # on the host: the trainer places them over its mesh, which in a multi-process run
+        # spans hosts (a committed device array cannot be placed there)
+        return Pretrained(jax.device_get(run.variables), tuple(run.class_names),
+                          run.config.model.name, f"run {run.workdir}, step {run.step}")
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
         raise error("neither a run workdir (run_info.json) nor a checkpoint folder (python -m "
                     "experiments.convert_torchvision writes one)")
@@ -265,7 +268,10 @@ def fit_variables(fresh: Mapping[str, Any], pretrained: Pretrained, how: Plan) -
     from ssd_jax.convert import merge_params
 
     out = dict(fresh)
-    for collection, tree in pretrained.variables.items():
+    # params first: a checkpoint of another architecture is named by a layer's weights, whatever
+    # order the collections were read in (jax.device_get sorts dict keys)
+    for collection in sorted(pretrained.variables, key=lambda c: c != "params"):
+        tree = pretrained.variables[collection]
         if collection == "batch_stats" and not fresh.get("batch_stats"):
             continue  # BatchNorm statistics of a model that has no BatchNorm (freeze_bn models do)
         if collection not in fresh:

@@ -217,16 +217,24 @@ def restore_into(manager: Any, step: int, target: Any, sharding: Any | None = No
 
 def restore_on_this_host(manager: Any, step: int) -> dict[str, Any]:
     """Checkpoint `step` as saved (its own tree) with every array on this host's first device,
-    whatever mesh and process count wrote it (restoring with the saved shardings fails on another
-    topology: a run trained on 8 devices or 2 processes, evaluated on a laptop)."""
+    whatever mesh and process count wrote it (`abstract_on_this_host`)."""
     ocp = orbax_checkpoint()
 
-    metadata = manager.item_metadata(step)
-    tree = getattr(metadata, "tree", metadata)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    abstract = abstract_on_this_host(manager.item_metadata(step))
     with keep_root_handlers():
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def abstract_on_this_host(metadata: Any) -> Any:
+    """The saved tree of orbax checkpoint metadata (a CheckpointManager's item_metadata or a
+    StandardCheckpointer's metadata) as ShapeDtypeStructs on this host's first device: a restore
+    into it works whatever mesh and process count wrote the checkpoint (restoring with the saved
+    shardings fails on another topology: a run trained on 8 devices or 2 processes, evaluated on
+    a laptop; a checkpoint converted by one process, read by each process of a run)."""
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

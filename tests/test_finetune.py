@@ -212,6 +212,10 @@ def test_a_run_workdir_as_init_checkpoint_maps_its_classes(tmp_path):
     from ssd_jax import train
 
     source_model, source_vars = _fake_run(tmp_path / "source", _config(), SOURCE)
+    # on the host: a multi-process trainer places them over a mesh that spans hosts, where a
+    # committed device array cannot go (the two-process run: tests/test_multihost.py)
+    loaded = finetune.load_pretrained(str(tmp_path / "source")).variables
+    assert {type(x) for x in jax.tree.leaves(loaded)} == {np.ndarray}
     config = _config(init_checkpoint=str(tmp_path / "source"), init_class_map="car:bicycle")
     model = models.from_config(config, len(TARGET) + 1)
     state = train.create_train_state(config, model, train.create_optimizer(config), TARGET)

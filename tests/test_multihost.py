@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -294,11 +295,24 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves_it(tmp
     preemption service tells the other, both stop at the step they agree on and save it together
     (no periodic checkpoint here: the only one is the step reached), exit 143 and say so.
     Before, our own SIGTERM handler replaced JAX's: the
-    signalled process stopped alone and the other lost it mid-collective."""
-    # process 1 starts training 3 s late: process 0 has created checkpoints/ by then (the resume
-    # check of a process that saw it joined a barrier the other never reached: a CI failure)
-    opts = {"steps": 500, "config": {**_SMALL, "checkpoint_every_steps": 0,
-                                     "log_every_steps": 1}, "late_process": 1, "late_seconds": 3}
+    signalled process stopped alone and the other lost it mid-collective.
+
+    The run fine-tunes a converted detector with its backbone frozen (issue 35 in two processes:
+    each process reads the checkpoint one process converted, and the backbone is bit-identical
+    at the step saved). Process 1 starts training 3 s late, so process 0 has created
+    checkpoints/ by then (a process whose resume check saw it joined a barrier the other never
+    reached: a CI failure)."""
+    from ssd_jax import convert
+    from ssd_jax import workdir as workdir_lib
+    from tests.test_finetune import SOURCE, _fake_run
+    from tests.test_train import tiny_config
+
+    _, source = _fake_run(tmp_path / "source", tiny_config(), SOURCE, save=False)
+    convert.save_checkpoint(str(tmp_path / "ckpt"), source, model="compact", class_names=SOURCE)
+    opts = {"steps": 500, "late_process": 1, "late_seconds": 3,
+            "config": {**_SMALL, "checkpoint_every_steps": 0, "log_every_steps": 1,
+                       "init_checkpoint": str(tmp_path / "ckpt"), "init_class_map": "car:circle",
+                       "trainable": "all_but_backbone"}}
     procs = _launch(tmp_path, "pre", 2, **opts)
     log0 = tmp_path / "pre.0.log"
     deadline = time.monotonic() + 300
@@ -322,3 +336,12 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_and_saves_it(tmp
     # here cost 2-3 minutes of the suite on 2 busy cores)
     assert sorted(os.listdir(tmp_path / "pre" / "checkpoints")) == [str(step)]
     assert (tmp_path / "pre" / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
+    for log in logs:
+        assert "classes mapped (1): car -> circle" in log, log[-3000:]
+    with workdir_lib.checkpoint_manager(str(tmp_path / "pre"), create=False) as manager:
+        saved = workdir_lib.restore_on_this_host(manager, step)
+    same = jax.tree.map(np.array_equal, saved["params"]["backbone"],
+                        jax.device_get(source["params"]["backbone"]))
+    assert all(jax.tree.leaves(same)), "a frozen backbone parameter moved"
+    assert not np.array_equal(saved["params"]["box_head_0"]["kernel"],
+                              source["params"]["box_head_0"]["kernel"])
